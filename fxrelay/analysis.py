@@ -1,0 +1,336 @@
+"""Pass 2: shapes, cost and structure of a traced graph.
+
+:func:`analyse` propagates meta tensors (no compute, the model is untouched) through a
+GraphModule twice, at the example input's size and at twice that size. A dimension
+that doubles with the input is spatial; that is how resolution levels are found from
+shapes alone, whatever the layout (NCHW, NHWC, tokens with class tokens) and whether
+or not the model has pooling ops. The result, per node:
+
+* ``shape``/``dtype`` of the output, ``flops`` per sample, ``params`` owned;
+* ``reduction``: measured spatial downsampling factor of the output vs the input
+  (``None`` for non-spatial tensors such as logits or pooled vectors);
+* ``level``: the resolution level the node computes at (measured, else inherited);
+
+plus the graph as a networkx ``DiGraph`` and its *clean cuts*: nodes that every
+input-to-output path passes through (the dominators of the output).
+
+Example:
+    >>> import torchvision, fxrelay
+    >>> from fxrelay.analysis import analyse
+    >>> gm = fxrelay.trace(torchvision.models.resnet18())
+    >>> a = analyse(gm, fxrelay.default_example_input(gm))
+    >>> a.info["layer2_0_conv1"].reduction, a.info["fc"].level
+    (8, 32)
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+__all__ = ["NodeInfo", "Analysis", "analyse", "as_inputs", "owned_parameters", "graph_to_dag"]
+
+_SOURCE = "__source__"
+_SHAPE_PRESERVING = (
+    nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+    nn.Identity, nn.modules.dropout._DropoutNd, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.Mish, nn.Softplus,
+)
+_FLOP_FREE_FUNCTIONS = frozenset({
+    operator.getitem, getattr, operator.add, operator.sub, operator.mul, operator.truediv,
+    operator.floordiv, operator.neg, operator.iadd, operator.imul, torch.flatten, torch.cat,
+    torch.stack, torch.reshape, torch.permute, torch.transpose, torch.add, torch.mul, torch.sigmoid,
+    torch.relu, torch.chunk, torch.split, torch.narrow, torch.squeeze, torch.unsqueeze,
+})
+_FLOP_METHODS = ("matmul", "mm", "bmm", "linear", "conv", "einsum", "attention", "baddbmm", "addmm")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What analysis knows about one fx node.
+
+    Attributes:
+        shape: output shape (the first tensor of a tuple output) at the analysis batch size.
+        dtype: its dtype.
+        flops: floating-point operations per sample (matmul/conv-class ops, as
+            ``torch.utils.flop_counter`` counts them).
+        params: parameters owned by the node (a called leaf module or a fetched parameter).
+        reduction: measured spatial downsampling of the output vs the model input,
+            ``None`` when the output has no spatial dimensions.
+        level: resolution level the node works at: ``reduction``, else the highest
+            level among its inputs (1 at the input).
+    """
+
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
+    flops: int
+    params: int
+    reduction: int | None
+    level: int
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Result of :func:`analyse`.
+
+    Attributes:
+        info: :class:`NodeInfo` per node name (also stored in ``node.meta["fxrelay"]``).
+        dag: the graph as a ``networkx.DiGraph`` over node names.
+        clean_cuts: names of nodes that every input-to-output path passes through.
+        batch: batch size the shapes were propagated at.
+        exact_levels: True when levels came from the two-size comparison, False when
+            the model only runs at one size and the layout was inferred from one shape.
+    """
+
+    info: dict[str, NodeInfo]
+    dag: nx.DiGraph
+    clean_cuts: frozenset[str]
+    batch: int
+    exact_levels: bool
+
+
+def as_inputs(example_input: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Normalise one tensor or a sequence of tensors to a tuple."""
+    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+
+
+def analyse(gm: fx.GraphModule, example_input: torch.Tensor | Sequence[torch.Tensor]) -> Analysis:
+    """Shapes, FLOPs, params, resolution levels, DAG and clean cuts of ``gm``.
+
+    Args:
+        gm: a traced GraphModule (see :func:`fxrelay.trace`).
+        example_input: an input of the size the model is used at; only shapes and
+            dtypes are read, nothing runs on real data unless the model cannot run on
+            meta tensors.
+
+    Returns:
+        An :class:`Analysis`; every node also gets ``node.meta["fxrelay"]``.
+    """
+    inputs = as_inputs(example_input)
+    batch = max(2, inputs[0].shape[0]) if inputs[0].dim() else 1  # reason: train-mode BN needs 2
+    first = _propagate(gm, _resized(inputs, batch, 1))
+    second = None
+    if _image_input(inputs) is not None:
+        try:
+            second = _propagate(gm, _resized(inputs, batch, 2), count_flops=False)
+        except Exception:  # noqa: BLE001  (reason: fixed-size models such as ViT)
+            second = None
+    size = _image_input(inputs)
+    info = _node_info(gm, first, second, size, batch)
+    for node in gm.graph.nodes:
+        node.meta["fxrelay"] = info[node.name]
+    dag = graph_to_dag(gm.graph)
+    return Analysis(info, dag, _clean_cuts(gm.graph, dag), batch, second is not None)
+
+
+def graph_to_dag(graph: fx.Graph) -> nx.DiGraph:
+    """The fx graph as a networkx DiGraph over node names (edges producer -> user)."""
+    dag = nx.DiGraph()
+    for node in graph.nodes:
+        dag.add_node(node.name, op=node.op)
+        for src in node.all_input_nodes:
+            dag.add_edge(src.name, node.name)
+    return dag
+
+
+def _clean_cuts(graph: fx.Graph, dag: nx.DiGraph) -> frozenset[str]:
+    g = dag.copy()
+    placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
+    g.add_edges_from((_SOURCE, p) for p in placeholders)
+    output = next(n.name for n in reversed(graph.nodes) if n.op == "output")
+    idom = nx.immediate_dominators(g, _SOURCE)
+    cuts, node = set(), idom.get(output)
+    while node is not None and node != _SOURCE:
+        cuts.add(node)
+        node = idom[node] if idom[node] != node else None
+    return frozenset(cuts - set(placeholders))
+
+
+def _image_input(inputs: tuple[torch.Tensor, ...]) -> tuple[int, int] | None:
+    images = [t for t in inputs if isinstance(t, torch.Tensor) and t.dim() == 4]
+    return tuple(images[0].shape[-2:]) if len(images) == 1 else None
+
+
+def _resized(inputs: tuple, batch: int, scale: int) -> tuple:
+    out = []
+    for t in inputs:
+        if not isinstance(t, torch.Tensor):
+            out.append(t)
+            continue
+        shape = list(t.shape)
+        if shape:
+            shape[0] = batch
+        if t.dim() == 4:
+            shape[-2:] = [shape[-2] * scale, shape[-1] * scale]
+        out.append(torch.empty(shape, dtype=t.dtype, device="meta"))
+    return tuple(out)
+
+
+class _FlopCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+class _MetaPropagator(fx.Interpreter):
+    """Runs a graph on meta tensors, recording every value and its FLOPs."""
+
+    def __init__(self, gm: fx.GraphModule, count_flops: bool):
+        super().__init__(gm)
+        self.count_flops = count_flops
+        self.values: dict[str, Any] = {}
+        self.flops: dict[str, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if self.count_flops and _may_cost_flops(n, self.module):
+            with _FlopCounter() as counter:
+                value = super().run_node(n)
+            self.flops[n.name] = counter.total
+        else:
+            value = super().run_node(n)
+        self.values[n.name] = value
+        return value
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if _is_shape_preserving(module) and args and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
+
+
+def _is_shape_preserving(module: nn.Module) -> bool:
+    if isinstance(module, _SHAPE_PRESERVING):
+        return True
+    # reason: timm's norm+act leaves (BatchNormAct2d, GroupNormAct, FrozenBatchNormAct2d ...)
+    return type(module).__module__.endswith("layers.norm_act") or type(module).__name__ == "FrozenBatchNorm2d"
+
+
+def _may_cost_flops(n: fx.Node, root: nn.Module) -> bool:
+    if n.op == "call_module":
+        return not _is_shape_preserving(root.get_submodule(n.target))
+    if n.op == "call_method":
+        return any(k in n.target for k in _FLOP_METHODS)
+    if n.op == "call_function":
+        if n.target in _FLOP_FREE_FUNCTIONS:
+            return False
+        name = getattr(n.target, "__name__", "")
+        module = getattr(n.target, "__module__", "") or ""
+        return any(k in name for k in _FLOP_METHODS) or not module.startswith(("torch", "_operator"))
+    return False
+
+
+def _propagate(gm: fx.GraphModule, inputs: tuple, count_flops: bool = True) -> _MetaPropagator:
+    state = {k: torch.empty_like(v, device="meta") for k, v in gm.state_dict(keep_vars=True).items()}
+    prop = _MetaPropagator(gm, count_flops)
+    with _reparametrize_module(gm, state), torch.no_grad():
+        prop.run(*inputs)
+    return prop
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    leaves, _ = tree_flatten(value)
+    return next((v for v in leaves if isinstance(v, torch.Tensor)), None)
+
+
+def owned_parameters(node: fx.Node, root: nn.Module) -> list[nn.Parameter]:
+    """Parameters a node uses directly: those of a called module, or a fetched parameter."""
+    if node.op == "call_module":
+        return list(root.get_submodule(node.target).parameters())
+    if node.op == "get_attr":
+        attr = root
+        for part in node.target.split("."):
+            attr = getattr(attr, part)
+        return [attr] if isinstance(attr, nn.Parameter) else []
+    return []
+
+
+def _node_info(gm, first, second, size, batch) -> dict[str, NodeInfo]:
+    info: dict[str, NodeInfo] = {}
+    for n in gm.graph.nodes:
+        t1 = _first_tensor(first.values.get(n.name))
+        t2 = _first_tensor(second.values.get(n.name)) if second is not None else None
+        reduction = None
+        if size is not None and t1 is not None:
+            reduction = _reduction_two_sizes(t1, t2, size, batch) if second is not None \
+                else _reduction_one_size(t1, size, batch)
+        inherited = max((info[i.name].level for i in n.all_input_nodes), default=1)
+        info[n.name] = NodeInfo(
+            shape=tuple(t1.shape) if t1 is not None else None,
+            dtype=t1.dtype if t1 is not None else None,
+            flops=first.flops.get(n.name, 0) // batch,
+            params=sum(p.numel() for p in owned_parameters(n, gm)),
+            reduction=reduction,
+            level=reduction if reduction is not None else inherited,
+        )
+    return info
+
+
+def _snap(size: int, extent: float) -> int:
+    """Reduction factor of an ``extent``-long spatial dim of a ``size``-long input."""
+    if extent <= 0:
+        return size
+    exact = size / extent
+    if float(exact).is_integer():
+        return int(exact)
+    power = 2 ** round(math.log2(exact))
+    return power if abs(exact / power - 1) < 0.25 else max(1, round(exact))
+
+
+def _reduction_two_sizes(t1, t2, size, batch) -> int | None:
+    if t2 is None or t1.dim() != t2.dim() or t1.dim() < 2 or t1.shape[0] != batch or t2.shape[0] != batch:
+        return None
+    changed = [d for d in range(1, t1.dim()) if t1.shape[d] != t2.shape[d]]
+    if len(changed) == 2 and all(1.5 <= t2.shape[d] / t1.shape[d] <= 2.5 for d in changed):
+        return _snap(size[0], t1.shape[changed[0]])
+    if len(changed) == 1:  # reason: flattened tokens, possibly with class/register tokens
+        d = changed[0]
+        area = (t2.shape[d] - t1.shape[d]) / 3
+        extra = t1.shape[d] - area
+        if area > 0 and 0 <= extra <= 16:
+            return _snap(size[0], math.sqrt(area * size[0] / size[1]))
+    return None
+
+
+def _reduction_one_size(t, size, batch) -> int | None:
+    """Layout guess for models that only run at one input size."""
+    if t.dim() < 3 or t.shape[0] != batch:
+        return None
+    h_in, w_in = size
+    if t.dim() == 4:
+        a, b, c = t.shape[1:]
+        if b == c > 1:  # reason: NCHW
+            return _nice_reduction(h_in, b)
+        if a == b > 1:  # reason: NHWC (swin, maxvit)
+            return _nice_reduction(h_in, a)
+        return None
+    for d in (1, 2):  # reason: (B, N, C) tokens or (B, C, N)
+        for extra in range(0, 9):
+            side = math.isqrt(max(t.shape[d] - extra, 0))
+            if side > 1 and side * side == t.shape[d] - extra and h_in % side == 0:
+                return h_in // side
+    return None
+
+
+def _nice_reduction(size: int, extent: int) -> int | None:
+    return size // extent if extent and size % extent == 0 else None

@@ -9,19 +9,31 @@ The pipeline is a sequence of passes over one intermediate representation, the
 [2, 4, 8, 16, 32]
 """
 
+from .heads import make_head
+from .outputs import HeadOutputs, head_losses, head_outputs
 from .partition import partition
 from .plan import Head, Plan, Stage
+from .rewrite import MODES, is_transformed, original_state_dict, plan_of, transform
 from .trace import TraceError, Tracer, default_example_input, trace
 
 __all__ = [
+    "MODES",
     "Head",
+    "HeadOutputs",
     "Plan",
     "Stage",
     "TraceError",
     "Tracer",
     "default_example_input",
+    "head_losses",
+    "head_outputs",
+    "is_transformed",
+    "make_head",
+    "original_state_dict",
     "partition",
+    "plan_of",
     "trace",
+    "transform",
 ]
 
 __version__ = "0.1.0"

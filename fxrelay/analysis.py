@@ -287,7 +287,8 @@ def _node_info(gm, first, second, size, batch) -> dict[str, NodeInfo]:
 
 
 def _snap(size: int, extent: float) -> int:
-    """Reduction factor of an ``extent``-long spatial dim of a ``size``-long input."""
+    """Reduction factor of a spatial dim that is ``extent`` long (or grows by ``extent``)
+    for a ``size``-long input (or one that grows by ``size``)."""
     if extent <= 0:
         return size
     exact = size / extent
@@ -298,11 +299,12 @@ def _snap(size: int, extent: float) -> int:
 
 
 def _reduction_two_sizes(t1, t2, size, batch) -> int | None:
-    if t2 is None or t1.dim() != t2.dim() or t1.dim() < 2 or t1.shape[0] != batch or t2.shape[0] != batch:
-        return None
+    if t2 is None or t1.dim() != t2.dim() or not 2 <= t1.dim() <= 4 or t1.shape[0] != batch or t2.shape[0] != batch:
+        return None  # reason: > 4 dims are window or patch-merge reshapes, not a resolution
     changed = [d for d in range(1, t1.dim()) if t1.shape[d] != t2.shape[d]]
     if len(changed) == 2 and all(1.5 <= t2.shape[d] / t1.shape[d] <= 2.5 for d in changed):
-        return _snap(size[0], t1.shape[changed[0]])
+        # reason: the growth cancels padding offsets (valid convs: 299 -> 8, 598 -> 17 is 32)
+        return _snap(size[0], t2.shape[changed[0]] - t1.shape[changed[0]])
     if len(changed) == 1:  # reason: flattened tokens, possibly with class/register tokens
         d = changed[0]
         area = (t2.shape[d] - t1.shape[d]) / 3
@@ -314,8 +316,8 @@ def _reduction_two_sizes(t1, t2, size, batch) -> int | None:
 
 def _reduction_one_size(t, size, batch) -> int | None:
     """Layout guess for models that only run at one input size."""
-    if t.dim() < 3 or t.shape[0] != batch:
-        return None
+    if t.dim() not in (3, 4) or t.shape[0] != batch:
+        return None  # reason: > 4 dims are window or patch-merge reshapes, not a resolution
     h_in, w_in = size
     if t.dim() == 4:
         a, b, c = t.shape[1:]

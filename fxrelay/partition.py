@@ -5,10 +5,12 @@ placed before every *main-path downsampling*: a node whose measured spatial redu
 exceeds its inputs' and stays at least that coarse on some path to the output (so
 spatial-reduction attention in PVT-like models, whose keys are pooled and whose
 output is not, opens no stage). Among the positions between the previous boundary
-and that node, the boundary goes to the one the fewest tensors cross, the latest on
-ties: the block input in a ResNet, the activation before the pool in a VGG, and a
-multi-tensor cut where skip edges cross (DenseNet-style concatenations, CliqueNet's
-multi-scale features, long U-Net-like skips).
+and that node, the boundary goes to the one the fewest tensors cross, on ties the
+input of a module enclosing the downsampling, then the smallest, then the latest: the block input in a ResNet (also pre-activation) or
+a MobileNet, the activation before the pool in a VGG, and a multi-tensor cut where skip
+edges cross (CliqueNet's multi-scale features, HRNet's branches, long U-Net-like
+skips). A stage is only closed once it computed something at its level (no stage of a
+lone pool or of bare reshapes).
 
 Models that downsample fewer than twice (ViT, Mixer) are split instead into groups of
 roughly equal FLOPs at clean cuts, preferring block boundaries.
@@ -25,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -124,24 +127,26 @@ class _Layout:
     constants: set[str]
     tensor_crossings: list[int]
     all_crossings: list[int]
+    crossing_numel: list[int]
 
     @classmethod
     def of(cls, gm: fx.GraphModule, analysis: Analysis) -> "_Layout":
         constants = _constant_nodes(gm.graph)
         order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and n.name not in constants]
         position = {n.name: i for i, n in enumerate(order)}
-        tensor_diff, all_diff = [0] * (len(order) + 2), [0] * (len(order) + 2)
+        tensor_diff, all_diff, numel_diff = ([0] * (len(order) + 2) for _ in range(3))
         for n in gm.graph.nodes:
             if n.name in constants or n.op == "output" or not n.users:
                 continue
             start = position.get(n.name, -1) + 1
             last = max(position.get(u.name, len(order)) for u in n.users)
+            shape = analysis.info[n.name].shape
             if last >= start:
-                for diff, counts in ((all_diff, True), (tensor_diff, analysis.info[n.name].shape is not None)):
-                    if counts:
-                        diff[start] += 1
-                        diff[last + 1] -= 1
-        return cls(gm, analysis, order, position, constants, _prefix_sums(tensor_diff), _prefix_sums(all_diff))
+                for diff, amount in ((all_diff, 1), (tensor_diff, shape is not None), (numel_diff, math.prod(shape or ()))):
+                    diff[start] += amount
+                    diff[last + 1] -= amount
+        return cls(gm, analysis, order, position, constants,
+                   *(_prefix_sums(d) for d in (tensor_diff, all_diff, numel_diff)))
 
     def main_path_transitions(self) -> list[int]:
         """Positions of the nodes that open a new, coarser resolution level on the main path."""
@@ -157,16 +162,37 @@ class _Layout:
         return transitions
 
     def pool_cuts(self, transitions: list[int]) -> list[int]:
-        """A boundary before every transition, at the position the fewest tensors cross."""
+        """A boundary before every transition, at the position the fewest tensors cross.
+
+        The stage a boundary closes must compute something (FLOPs or parameters) after
+        the previous transition: no stage of a lone pool, of bare reshapes or of a
+        dropout before the stem. Ties go to the input of a module enclosing the
+        transition (a block or stage input, or the transition itself), then to the
+        fewest crossing elements (before an expansion conv, not after), then to the
+        latest position.
+        """
+        info = self.analysis.info
+        computing = _prefix_sums([0] + [int(bool(info[n.name].flops or info[n.name].params)) for n in self.order])
+        first = self._first_positions()
         cuts, previous = [], 0
-        for t in transitions:
-            window = range(previous + 1, t + 1)
-            if not window:
-                continue
-            best = min(window, key=lambda b: (self.tensor_crossings[b], self.all_crossings[b], -b))
-            cuts.append(best)
-            previous = best
+        for level_start, t in zip([0] + transitions, transitions):
+            window = [b for b in range(max(previous, level_start) + 1, t + 1) if computing[b] > computing[level_start]]
+            path = _module_path(self.order[t])
+            enclosing = {first[path[:k]] for k in range(1, len(path) + 1)}
+            if window:
+                previous = min(window, key=lambda b: (self.tensor_crossings[b], self.all_crossings[b],
+                                                      b not in enclosing, self.crossing_numel[b], -b))
+                cuts.append(previous)
         return cuts
+
+    def _first_positions(self) -> dict[tuple[str, ...], int]:
+        """Position of the first node of every module in the graph."""
+        first: dict[tuple[str, ...], int] = {}
+        for i, n in enumerate(self.order):
+            path = _module_path(n)
+            for k in range(1, len(path) + 1):
+                first.setdefault(path[:k], i)
+        return first
 
     def candidate_cuts(self) -> set[int]:
         """Positions a single tensor crosses: where stages may be split or blocks cut."""

@@ -87,6 +87,14 @@ def _timm_autowrap_functions() -> list[Callable]:
     return [f for f in get_notrace_functions() if callable(f)]
 
 
+def _fxrelay_runtime_functions() -> list[Callable]:
+    # reason: pickling a transformed model re-traces its code with the graph's tracer class
+    from .outputs import combine_heads
+    from .scopes import detach_scope, scoped_stage
+
+    return [combine_heads, detach_scope, scoped_stage]
+
+
 def _torchvision_leaf_types() -> list[type]:
     import torchvision.ops
 
@@ -116,7 +124,7 @@ class Tracer(fx.Tracer):
     ):
         import torchvision.ops
 
-        wrapped = _timm_autowrap_functions() + list(autowrap_functions)
+        wrapped = _timm_autowrap_functions() + _fxrelay_runtime_functions() + list(autowrap_functions)
         super().__init__(
             autowrap_modules=(math, torchvision.ops),
             autowrap_functions=tuple(wrapped),
@@ -193,6 +201,9 @@ def trace(
         try:
             with _restored_module_state(model):
                 graph = tracer.trace(model, concrete_args=concrete_args)
+                _bind_concrete_args(graph, n_inputs)
+                # reason: inside the block, so the graph keeps the tensor constants fx stored on the model
+                gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
         except Exception as e:  # noqa: BLE001  (reason: any failure becomes a leaf or a TraceError)
             failing = getattr(e, "_fxrelay_module", "")
             if not failing or failing in leaf_names:
@@ -200,8 +211,6 @@ def trace(
             leaf_names.append(failing)
             continue
         break
-    _bind_concrete_args(graph, n_inputs)
-    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     gm.meta["fxrelay_leaves"] = tuple(leaf_names)
     return gm
 

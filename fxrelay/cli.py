@@ -1,0 +1,151 @@
+"""The ``fxrelay`` command line: one small function per subcommand.
+
+``fxrelay inspect MODEL`` prints the stage plan of a timm model (``resnet50``) or a
+torchvision one (``tv:resnet18``), created with random weights.
+
+A subcommand is a :class:`Command` in :data:`COMMANDS`: its ``configure`` adds the
+arguments to its subparser and its ``run`` returns the exit code. Errors the user can
+fix (an unknown model name, an impossible ``--num-stages``) are one line on stderr and
+exit code 2, without a traceback.
+
+Example:
+    >>> from fxrelay.cli import main
+    >>> main(["inspect", "tv:resnet18", "--input-size", "64"])  # doctest: +ELLIPSIS
+    Plan of ResNet: 5 stages (boundaries=pool, mode=standard), 11.69M params, ...
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Command", "COMMANDS", "UsageError", "load_model", "example_input", "main"]
+
+TORCHVISION_PREFIX = "tv:"
+DEFAULT_INPUT_SIZE = 224
+
+
+class UsageError(Exception):
+    """An error the user can fix from the command line; printed as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, one-line help, argument setup and action."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def known_models() -> list[str]:
+    """Every name :func:`load_model` accepts: timm names and ``tv:`` torchvision names."""
+    import timm
+    import torchvision.models as tvm
+
+    return timm.list_models() + [TORCHVISION_PREFIX + n for n in tvm.list_models(module=tvm)]
+
+
+def load_model(name: str, input_size: int | None = None) -> nn.Module:
+    """A timm model, or a torchvision one for ``tv:NAME``, with random weights, in eval mode.
+
+    A timm model with a fixed input size is built for ``input_size`` when it takes an
+    ``img_size`` argument.
+
+    Raises:
+        UsageError: unknown name (the message lists close matches).
+
+    Example:
+        >>> type(load_model("tv:resnet18")).__name__
+        'ResNet'
+    """
+    import timm
+    import torchvision.models as tvm
+
+    if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX):] in tvm.list_models(module=tvm):
+        return tvm.get_model(name[len(TORCHVISION_PREFIX):], weights=None).eval()
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, known_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (timm names, or tv:NAME for torchvision)"
+        raise UsageError(f"unknown model {name!r}{hint}")
+    default = timm.get_pretrained_cfg_value(name, "input_size") or (3, DEFAULT_INPUT_SIZE, DEFAULT_INPUT_SIZE)
+    if input_size is not None and input_size != default[-1]:
+        try:
+            return timm.create_model(name, pretrained=False, img_size=input_size).eval()
+        except TypeError:  # reason: models without img_size take any size or only their own
+            pass
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def example_input(model: nn.Module, input_size: int | None = None) -> torch.Tensor:
+    """A seeded random batch of one: ``input_size`` px square, else the model's default size."""
+    from .trace import default_example_input
+
+    if input_size is None:
+        return default_example_input(model)
+    channels = default_example_input(model).shape[1]
+    return torch.randn(1, channels, input_size, input_size, generator=torch.Generator().manual_seed(0))
+
+
+def _configure_inspect(parser: argparse.ArgumentParser) -> None:
+    from .partition import BOUNDARIES
+
+    parser.add_argument("model", help="timm model name, or tv:NAME for torchvision (e.g. tv:resnet18)")
+    parser.add_argument("--boundaries", choices=BOUNDARIES, default="auto", help="how stages are found")
+    parser.add_argument("--num-stages", type=int, default=None, help="merge or split to N stages")
+    parser.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help="input side in px (224)")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Print the plan table of ``args.model``."""
+    from .partition import partition
+    from .trace import TraceError
+
+    model = load_model(args.model, args.input_size)
+    try:
+        plan = partition(model, args.boundaries, args.num_stages, example_input(model, args.input_size))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except TraceError as e:
+        print(f"fxrelay inspect: {e}", file=sys.stderr)
+        return 1
+    print(plan)
+    return 0
+
+
+COMMANDS: list[Command] = [
+    Command("inspect", "print the stage plan of a timm or torchvision model", _configure_inspect, run_inspect),
+]
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    """The ``fxrelay`` parser with one subparser per command."""
+    parser = argparse.ArgumentParser(prog="fxrelay", description="Relay backpropagation for any fx-traceable model.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in commands:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.configure(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for usage errors)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as e:
+        print(f"fxrelay {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

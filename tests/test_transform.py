@@ -1,0 +1,312 @@
+"""The training rewrite against an independent gradient oracle.
+
+The oracle never touches the scope machinery: for each head it runs the stages below
+``lo_j`` under ``torch.no_grad()``, then ``lo_j..a_j`` and the head with grad, takes
+``torch.autograd.grad`` of ``w_j * L_j`` and sums over heads.
+"""
+
+import copy
+import pickle
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxrelay
+from fxrelay.outputs import HeadOutputs
+
+RTOL = 1e-5
+
+
+class VGGChain(nn.Module):
+    """A plain conv chain with a max-pool opening each stage."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        layers, c = [], 3
+        for width in (8, 16, 16, 32, 32):
+            layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c * 2 * 2, num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+MODELS = {
+    "vgg_chain": (lambda: VGGChain(), 64),
+    "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 32),
+    "resnet26d": (lambda: timm.create_model("resnet26d", num_classes=10), 32),
+    "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), 32),
+    "efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", num_classes=10), 32),
+    "vit_tiny_patch16_224": (lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10), 224),
+}
+
+
+def _batch(size: int, n: int = 2):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _run(plan, stages, env, indices, grad: bool):
+    with torch.set_grad_enabled(grad):
+        for s in indices:
+            stage = plan.stages[s]
+            out = stages[s](*(env[n] for n in stage.inputs))
+            env.update(zip(stage.outputs, out if len(stage.outputs) > 1 else (out,)))
+
+
+def oracle_grads(model, x, y):
+    """Reference parameter gradients of sum_j w_j L_j, computed loss by loss."""
+    plan = fxrelay.plan_of(model)
+    stages = [getattr(model.stages, str(i)) for i in range(len(plan.stages))]
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for j, head in enumerate(plan.heads):
+        lo, a = head.window
+        env = {plan.input_names[0]: x}
+        _run(plan, stages, env, range(lo), grad=False)
+        _run(plan, stages, env, range(lo, a + 1), grad=True)
+        features = env[plan.stages[a].outputs[-1]]
+        logits = features if head.kind == "main" else getattr(model.heads, str(j)).body(features)
+        grads = torch.autograd.grad(head.weight * F.cross_entropy(logits, y), params, allow_unused=True)
+        total = [t + g if g is not None else t for t, g in zip(total, grads)]
+    return total
+
+
+def one_line_grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+
+
+def assert_close(got, want):
+    # reason: gradients that are zero in exact arithmetic (a conv bias before BN) are
+    # compared against a floor of 1e-6 of the largest gradient instead of their own noise
+    floor = 1e-6 * max(w.abs().max().item() for w in want)
+    for g, w in zip(got, want):
+        scale = max(w.abs().max().item(), floor)
+        assert ((g - w).abs().max() / scale).item() <= RTOL
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("mode", ["relay", "greedy", "deep"])
+def test_gradients_match_oracle(name, mode):
+    build, size = MODELS[name]
+    torch.manual_seed(0)
+    x, y = _batch(size)
+    x = x.double()  # reason: float64 makes the 1e-5 comparison sharp (conv biases before BN have ~0 grads)
+    model = fxrelay.transform(build().double(), mode, example_input=x)
+    assert len(fxrelay.plan_of(model).heads) >= 2
+    assert_close(one_line_grads(model, x, y), oracle_grads(model, x, y))
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_relay_windows_match_oracle(window):
+    torch.manual_seed(0)
+    x, y = _batch(64)
+    x = x.double()
+    model = fxrelay.transform(torchvision.models.resnet18(num_classes=10).double(), "relay", window=window,
+                              heads=[1, 2, 3], example_input=x)
+    plan = fxrelay.plan_of(model)
+    assert plan.heads[0].window == (0, 1)  # reason: the lowest head's window reaches stage 0
+    assert [h.window[0] for h in plan.heads[1:]] == [max(0, a - window + 1) for a in (2, 3, 4)]
+    assert_close(one_line_grads(model, x, y), oracle_grads(model, x, y))
+
+
+def test_relay_differs_from_deep():
+    """The oracle comparison is sharp: relay's scopes change the gradients of low stages."""
+    torch.manual_seed(0)
+    x, y = _batch(64)
+    base = torchvision.models.resnet18(num_classes=10)
+    relay = fxrelay.transform(base, "relay", example_input=x)
+    deep = fxrelay.transform(base, "deep", example_input=x)
+    deep.heads.load_state_dict(relay.heads.state_dict())
+    conv1 = [n for n, _ in relay.named_parameters()].index("stages.0.conv1.weight")
+    g_relay, g_deep = one_line_grads(relay, x, y)[conv1], one_line_grads(deep, x, y)[conv1]
+    assert (g_relay - g_deep).abs().max() > 1e-3 * g_deep.abs().max()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_standard_is_identical_to_original(name):
+    build, size = MODELS[name]
+    torch.manual_seed(0)
+    x, y = _batch(size)
+    original = build()
+    model = fxrelay.transform(copy.deepcopy(original), "standard", example_input=x)
+    assert fxrelay.plan_of(model).heads[0].kind == "main"
+    out_t, out_o = model(x), original(x)
+    assert torch.equal(out_t, out_o)
+    F.cross_entropy(out_t, y).backward()
+    F.cross_entropy(out_o, y).backward()
+    theirs = dict(original.named_parameters())
+    for key, value in fxrelay.original_state_dict(model).items():
+        if key in theirs:
+            mine = dict(model.named_parameters())[_transformed_key(model, key)]
+            assert torch.equal(mine.grad, theirs[key].grad), key
+
+
+def _transformed_key(model, key):
+    from fxrelay.rewrite import _STATE
+    return getattr(model, _STATE).original_keys[key]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_eval_outputs_equal_original(name):
+    build, size = MODELS[name]
+    x, _ = _batch(size)
+    original = build().eval()
+    model = fxrelay.transform(original, "relay", example_input=x).eval()
+    out = model(x)
+    assert type(out) is torch.Tensor
+    assert torch.equal(out, original(x))
+
+
+def test_each_stage_runs_forward_once():
+    x, y = _batch(64)
+    model = fxrelay.transform(torchvision.models.resnet18(num_classes=10), "relay", example_input=x)
+    calls = []
+    for i in range(len(fxrelay.plan_of(model).stages)):
+        getattr(model.stages, str(i)).register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    F.cross_entropy(model(x), y).backward()
+    assert calls == sorted(set(calls)) == list(range(5))
+
+
+@pytest.mark.parametrize("build", [lambda: timm.create_model("resnet18", num_classes=10),
+                                   lambda: torchvision.models.mobilenet_v3_small(num_classes=10)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_user_training_loop(build, autocast):
+    """A loop as users write it; the only change is the transform line."""
+    torch.manual_seed(0)
+    model = build()
+    model = fxrelay.transform(model, example_input=torch.randn(1, 3, 64, 64))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    x, y = _batch(64, n=8)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+            loss = criterion(out, y)
+        loss.backward()
+        accuracy = (out.argmax(dim=1) == y).float().mean().item()
+        losses.append(loss.item())
+        assert 0.0 <= accuracy <= 1.0
+        for p in model.heads.parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0
+        optimizer.step()
+    assert all(isinstance(v, float) for v in losses) and losses[-1] < losses[0]
+
+
+def test_output_behaves_as_main_logits():
+    x, y = _batch(64)
+    model = fxrelay.transform(torchvision.models.resnet18(num_classes=10), example_input=x)
+    out = model(x)
+    per_head = fxrelay.head_outputs(out)
+    assert isinstance(out, HeadOutputs) and len(per_head) == len(fxrelay.plan_of(model).heads) == 3
+    assert torch.equal(out.argmax(1), per_head[-1].argmax(1))
+    assert out.tolist() == per_head[-1].tolist() and out.shape == (2, 10)
+    soft = torch.sum(-F.one_hot(y, 10) * F.log_softmax(out, dim=-1), dim=-1).mean()  # timm SoftTargetCE
+    gathered = -torch.log_softmax(out, 1).gather(1, y[:, None]).mean()
+    bce = F.binary_cross_entropy_with_logits(out, F.one_hot(y, 10).float())
+    for loss in (soft, gathered, bce):
+        values = fxrelay.head_losses(loss)
+        assert len(values) == 3 and values[-1] == pytest.approx(loss.item())
+    want = [F.cross_entropy(h, y).item() for h in per_head]
+    assert fxrelay.head_losses(F.cross_entropy(out, y)) == pytest.approx(want)
+
+
+def test_backward_weights_losses():
+    x, y = _batch(64)
+    model = fxrelay.transform(VGGChain(), "deep", aux_weight=0.5, example_input=x)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    got = [p.grad.clone() for p in model.heads.parameters()]
+    model.zero_grad()
+    out = model(x)
+    sum(h.weight * F.cross_entropy(v, y) for h, v in zip(fxrelay.plan_of(model).heads,
+                                                         fxrelay.head_outputs(out))).backward()
+    assert all(torch.allclose(a, p.grad) for a, p in zip(got, model.heads.parameters()))
+
+
+def test_heads_options():
+    x, _ = _batch(64)
+    base = torchvision.models.resnet18(num_classes=10)
+    for kind in ("auto", "linear", "layercnn", "dgl"):
+        model = fxrelay.transform(base, heads=[1, 3], head=kind, example_input=x)
+        plan = fxrelay.plan_of(model)
+        assert [(h.stage, h.kind) for h in plan.heads] == [(1, kind), (3, kind), (4, "main")]
+        assert all(v.shape == (2, 10) for v in fxrelay.head_outputs(model(x)))
+
+    def tiny(shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+    model = fxrelay.transform(base, heads=[2], head=tiny, example_input=x)
+    assert fxrelay.plan_of(model).heads[0].kind == "tiny"
+    greedy = fxrelay.plan_of(fxrelay.transform(base, "greedy", example_input=x))
+    assert [h.window for h in greedy.heads] == [(s, s) for s in range(5)]
+
+
+def test_token_features_get_token_heads():
+    x, y = _batch(224)
+    model = fxrelay.transform(timm.create_model("vit_tiny_patch16_224", num_classes=7), example_input=x)
+    assert all(v.shape == (2, 7) for v in fxrelay.head_outputs(model(x)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mode": "realy"}, "did you mean 'relay'"),
+    ({"window": 0}, "window must be an integer >= 1"),
+    ({"heads": [4]}, "head stages must be in 0..3"),
+    ({"head": "mlp"}, "head must be one of"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fxrelay.transform(torchvision.models.resnet18(), example_input=torch.randn(1, 3, 64, 64), **kwargs)
+
+
+def test_num_classes_needed_when_not_inferable():
+    features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3), nn.MaxPool2d(2),
+                             nn.Conv2d(8, 8, 3), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3))
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="pass num_classes"):
+        fxrelay.transform(features, heads=[1], skip_first=0, example_input=x)
+    model = fxrelay.transform(features, heads=[1], num_classes=5, example_input=x)
+    assert fxrelay.head_outputs(model(x))[0].shape == (1, 5)
+
+
+def test_transforming_twice_is_an_error():
+    model = fxrelay.transform(VGGChain(), example_input=torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="already transformed"):
+        fxrelay.transform(model)
+
+
+def test_original_state_dict_loads_strictly():
+    x, y = _batch(64)
+    model = fxrelay.transform(timm.create_model("resnet26d", num_classes=10), example_input=x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    fresh = timm.create_model("resnet26d", num_classes=10)
+    fresh.load_state_dict(fxrelay.original_state_dict(model), strict=True)
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))])
+def test_copies_train_the_same(clone):
+    x, y = _batch(64)
+    torch.manual_seed(0)
+    model = fxrelay.transform(torchvision.models.resnet18(num_classes=10), example_input=x)
+    twin = clone(model)
+    assert fxrelay.plan_of(twin).heads == fxrelay.plan_of(model).heads
+    for m in (model, twin):
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+        F.cross_entropy(m(x), y).backward()
+        optimizer.step()
+    for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    assert not set(map(id, model.parameters())) & set(map(id, twin.parameters()))

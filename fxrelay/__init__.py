@@ -9,18 +9,23 @@ The pipeline is a sequence of passes over one intermediate representation, the
 [2, 4, 8, 16, 32]
 """
 
+from .data import ClassAwareSampler, Shapes
 from .heads import make_head
 from .outputs import HeadOutputs, head_losses, head_outputs
 from .partition import partition
 from .plan import Head, Plan, Stage
+from .render import GraphvizNotFound, render, render_graph
 from .rewrite import MODES, is_transformed, original_state_dict, plan_of, transform
 from .trace import TraceError, Tracer, default_example_input, trace
 
 __all__ = [
     "MODES",
+    "ClassAwareSampler",
+    "GraphvizNotFound",
     "Head",
     "HeadOutputs",
     "Plan",
+    "Shapes",
     "Stage",
     "TraceError",
     "Tracer",
@@ -32,6 +37,8 @@ __all__ = [
     "original_state_dict",
     "partition",
     "plan_of",
+    "render",
+    "render_graph",
     "trace",
     "transform",
 ]

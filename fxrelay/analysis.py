@@ -119,11 +119,11 @@ def analyse(gm: fx.GraphModule, example_input: torch.Tensor | Sequence[torch.Ten
     """
     inputs = as_inputs(example_input)
     batch = max(2, inputs[0].shape[0]) if inputs[0].dim() else 1  # reason: train-mode BN needs 2
-    first = _propagate(gm, _resized(inputs, batch, 1))
+    first = _propagate(gm, inputs, batch, 1)
     second = None
     if _image_input(inputs) is not None:
         try:
-            second = _propagate(gm, _resized(inputs, batch, 2), count_flops=False)
+            second = _propagate(gm, inputs, batch, 2, count_flops=False)
         except Exception:  # noqa: BLE001  (reason: fixed-size models such as ViT)
             second = None
     size = _image_input(inputs)
@@ -162,7 +162,7 @@ def _image_input(inputs: tuple[torch.Tensor, ...]) -> tuple[int, int] | None:
     return tuple(images[0].shape[-2:]) if len(images) == 1 else None
 
 
-def _resized(inputs: tuple, batch: int, scale: int) -> tuple:
+def _resized(inputs: tuple, batch: int, scale: int, device: torch.device | str) -> tuple:
     out = []
     for t in inputs:
         if not isinstance(t, torch.Tensor):
@@ -173,7 +173,10 @@ def _resized(inputs: tuple, batch: int, scale: int) -> tuple:
             shape[0] = batch
         if t.dim() == 4:
             shape[-2:] = [shape[-2] * scale, shape[-1] * scale]
-        out.append(torch.empty(shape, dtype=t.dtype, device="meta"))
+        if device == "meta":
+            out.append(torch.empty(shape, dtype=t.dtype, device="meta"))
+        else:  # reason: values matter only to leaves with data-dependent code; keep them seeded
+            out.append(torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(t.device, t.dtype))
     return tuple(out)
 
 
@@ -238,8 +241,20 @@ def _may_cost_flops(n: fx.Node, root: nn.Module) -> bool:
     return False
 
 
-def _propagate(gm: fx.GraphModule, inputs: tuple, count_flops: bool = True) -> _MetaPropagator:
-    state = {k: torch.empty_like(v, device="meta") for k, v in gm.state_dict(keep_vars=True).items()}
+def _propagate(gm: fx.GraphModule, inputs: tuple, batch: int, scale: int,
+               count_flops: bool = True) -> _MetaPropagator:
+    """Run ``gm`` on meta tensors; on real ones (buffers copied) if some op needs values."""
+    try:
+        return _run(gm, _resized(inputs, batch, scale, "meta"), meta=True, count_flops=count_flops)
+    except Exception:  # noqa: BLE001  (reason: .item(), nonzero, data-dependent leaves)
+        return _run(gm, _resized(inputs, batch, scale, inputs[0].device), meta=False, count_flops=count_flops)
+
+
+def _run(gm: fx.GraphModule, inputs: tuple, meta: bool, count_flops: bool) -> _MetaPropagator:
+    if meta:
+        state = {k: torch.empty_like(v, device="meta") for k, v in gm.state_dict(keep_vars=True).items()}
+    else:  # reason: train-mode BN must not update the model's running statistics
+        state = {k: v.clone() for k, v in gm.named_buffers()}
     prop = _MetaPropagator(gm, count_flops)
     with _reparametrize_module(gm, state), torch.no_grad():
         prop.run(*inputs)

@@ -121,8 +121,59 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_render(parser: argparse.ArgumentParser) -> None:
+    from .render import LEVELS
+    from .rewrite import MODES
+
+    _configure_inspect(parser)
+    parser.add_argument("--mode", choices=MODES, default="relay", help="training mode whose heads are drawn")
+    parser.add_argument("--window", type=int, default=2, help="relay window (stages a loss trains)")
+    parser.add_argument("--level", choices=LEVELS, default="stage", help="one box per stage, or fx nodes")
+    parser.add_argument("--depth", default="2", help="node level: collapse modules below this depth ('none': all)")
+    parser.add_argument("-o", "--output", default=None, help="output file, .svg .png .pdf .dot (MODEL.svg)")
+
+
+def run_render(args: argparse.Namespace) -> int:
+    """Draw the partition and heads of ``args.model`` in ``args.mode``."""
+    from .render import GraphvizNotFound, render
+    from .rewrite import transform
+
+    model = load_model(args.model, args.input_size)
+    x = example_input(model, args.input_size)
+    try:
+        transformed = transform(model, args.mode, window=args.window, boundaries=args.boundaries,
+                                num_stages=args.num_stages, example_input=x, num_classes=1000)
+        depth = None if args.depth.lower() == "none" else int(args.depth)
+        path = render(transformed, args.output or f"{args.model.replace(':', '_')}.svg", level=args.level,
+                      depth=depth)
+    except (ValueError, GraphvizNotFound) as e:
+        raise UsageError(str(e)) from None
+    print(path)
+    return 0
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="out/demo", help="where the demo writes its files (out/demo)")
+    parser.add_argument("--model", default="resnet10t", help="timm model to train (resnet10t)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per mode")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Train standard and relay on generated data, render, deploy, verify, print the table."""
+    from .demo import run_demo as demo
+
+    kwargs = {"epochs": args.epochs} if args.epochs else {}
+    print(demo(args.out, model_name=args.model, progress=not args.no_progress, **kwargs))
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command("inspect", "print the stage plan of a timm or torchvision model", _configure_inspect, run_inspect),
+    Command("render", "draw a model's stages, heads and gradient windows with graphviz", _configure_render,
+            run_render),
+    Command("demo", "train standard and relay on generated data, render, deploy and verify", _configure_demo,
+            run_demo),
 ]
 
 

@@ -60,7 +60,7 @@ def reshuffled_passes(size: int, length: int, generator: torch.Generator) -> tor
     passes = [torch.randperm(size, generator=generator)]
     jitter = size // 2 + 1
     for _ in range(math.ceil(length / size) - 1):
-        keys = torch.arange(size, dtype=torch.float64) + jitter * torch.rand(size, generator=generator, dtype=torch.float64)
+        keys = torch.arange(size) + jitter * torch.rand(size, generator=generator, dtype=torch.float64)
         passes.append(passes[-1][torch.argsort(keys)])
     return torch.cat(passes)[:length]
 
@@ -328,7 +328,8 @@ def _paint_shape(layers: torch.Tensor, shape: int, fill: torch.Tensor, f: dict[s
     """Lay shape ``shape`` (one per image, same type) over ``layers``, in one or two colours."""
     radius = 0.4 + 0.35 * f["radius"][:, :, None]
     angle = 2 * math.pi * f["angle"][:, :, None]
-    dx, dy = (xs - 0.9 * f["center"][:, :1, None] + 0.45) / radius, (ys - 0.9 * f["center"][:, 1:, None] + 0.45) / radius
+    center = 0.9 * f["center"][..., None] - 0.45  # reason: keep the centre in the middle 45%
+    dx, dy = (xs - center[:, :1]) / radius, (ys - center[:, 1:]) / radius
     u, v = torch.cos(angle) * dx + torch.sin(angle) * dy, torch.cos(angle) * dy - torch.sin(angle) * dx
     inside = _INSIDE[SHAPES[shape]](u, v)
     first = 1 + _CLUTTER

@@ -6,7 +6,8 @@ heads, no relay scopes), for any other model a trace of an eval-mode copy. It th
 
 * strips the calls that are the identity at inference (:func:`is_noop`): ``nn.Identity``,
   dropout modules and functions, timm's ``DropPath``/``DropBlock2d``, torchvision's
-  stochastic depth;
+  stochastic depth, and the random-mask products ``x * bernoulli_(...)`` that a
+  train-mode trace of timm's ``drop_path`` bakes in;
 * folds BatchNorm into the conv/linear before it (:func:`fxrelay.fold_bn`).
 
 The result has readable node names, parameters independent of the model's, and is in
@@ -88,11 +89,9 @@ def deploy(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor
 
 def _inference_graph(model: nn.Module, example_input) -> fx.GraphModule:
     """An eval-mode GraphModule of the original model with its own copy of the parameters."""
-    try:
-        from .rewrite import is_transformed, plan_of
-    except ImportError:  # reason: rewrite.py is optional for deploying plain models
-        is_transformed = None
-    if is_transformed is not None and is_transformed(model):
+    from .rewrite import is_transformed, plan_of  # reason: looked up at call time, rewrite imports much
+
+    if is_transformed(model):
         return copy.deepcopy(plan_of(model).graph).eval()
     return trace(copy.deepcopy(model).eval(), example_input)
 
@@ -126,7 +125,46 @@ def strip_noops(gm: fx.GraphModule) -> list[str]:
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
             removed.append(node.name)
+        elif _is_random_mask(node):
+            removed += _strip_random_mask(gm.graph, node)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return removed
+
+
+def _is_random_mask(node: fx.Node) -> bool:
+    """``bernoulli_``/``bernoulli`` whose users are products with it, or in-place scalings of it."""
+    if not (node.op in ("call_method", "call_function") and _name(node) in ("bernoulli", "bernoulli_")):
+        return False
+    return bool(node.users) and all(_is_product(u) or (_name(u).endswith("_") and not u.users) for u in node.users)
+
+
+def _strip_random_mask(graph: fx.Graph, mask: fx.Node) -> list[str]:
+    """Replace every ``x * mask`` by ``x`` (a drop-path at inference), then erase the mask's code."""
+    products = [u for u in mask.users if _is_product(u)]
+    for product in products:
+        other = product.args[1] if product.args[0] is mask else product.args[0]
+        product.replace_all_uses_with(other)
+        graph.erase_node(product)
+    for scaling in list(mask.users):
+        graph.erase_node(scaling)
+    _erase_unused(graph, mask)
+    return [p.name for p in products]
+
+
+def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase ``node`` and, recursively, the computations only it used."""
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for source in inputs:
+        if not source.users and source.op in ("call_method", "call_function") and not _name(source).endswith("_"):
+            _erase_unused(graph, source)
+
+
+def _is_product(node: fx.Node) -> bool:
+    return _name(node) == "mul" and len(node.args) == 2 and not node.kwargs
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")

@@ -26,8 +26,9 @@ from typing import Callable, Union
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["HEADS", "HeadFactory", "make_head", "head_kind", "AuxHead"]
+__all__ = ["HEADS", "HeadFactory", "make_head", "head_kind", "head_flops", "AuxHead"]
 
 HeadFactory = Callable[[tuple, int], nn.Module]
 HEADS = ("auto", "linear", "layercnn", "dgl")
@@ -83,6 +84,18 @@ def make_head(head: Union[str, HeadFactory], feature_shape: tuple, num_classes: 
     prefix, channels = _to_nchw(shape)
     body = {"auto": _auto, "linear": _linear, "layercnn": _layercnn, "dgl": _dgl}[head]
     return nn.Sequential(*prefix, *body(channels, num_classes, depth))
+
+
+def head_flops(head: nn.Module, feature_shape: tuple) -> int:
+    """Forward FLOPs of ``head`` for one sample of ``feature_shape``."""
+    p = next(head.parameters(), None)
+    sample = torch.zeros(1, *feature_shape, device=p.device if p is not None else None,
+                         dtype=p.dtype if p is not None else None)
+    training = head.training
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        head.eval()(sample)
+    head.train(training)
+    return counter.get_total_flops()
 
 
 def _to_nchw(shape: tuple) -> tuple[list[nn.Module], int]:

@@ -7,17 +7,19 @@ the window of stages each head's loss trains.
 Example:
     >>> import torchvision, fxrelay
     >>> plan = fxrelay.partition(torchvision.models.resnet18())
-    >>> print(plan)  # doctest: +SKIP
-    Plan of ResNet: 5 stages (boundaries=pool), 11.69M params, 1.82 GFLOPs/sample
-    stage  red  shape        params   GFLOPs  share  nodes  in -> out
-        0    2  64x112x112    9.54K    0.118   6.5%      3  x -> relu
-        1    4  64x56x56     147.97K   0.464  25.5%     14  relu -> layer1_1_relu_1
-    ...
+    >>> print(plan)
+    Plan of ResNet: 5 stages (boundaries=pool, mode=standard), 11.69M params, 3.63 GFLOPs/sample
+    stage  red       shape   params  GFLOPs  share  nodes  in -> out
+        0    2  64x112x112    9.54K   0.236   6.5%      3  x -> relu
+        1    4    64x56x56  147.97K   0.925  25.5%     15  relu -> layer1_1_relu_1
+        2    8   128x28x28  525.57K   0.822  22.7%     16  layer1_1_relu_1 -> layer2_1_relu_1
+        3   16   256x14x14    2.10M   0.822  22.7%     16  layer2_1_relu_1 -> layer3_1_relu_1
+        4   32        1000    8.91M   0.823  22.7%     19  layer3_1_relu_1 -> fc
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -64,6 +66,8 @@ class Head:
         weight: the loss weight (1 for the main head).
         kind: head type name: ``"main"`` for the model's classifier, else the factory
             name (``"auto"``, ``"linear"``, ``"layercnn"``, ``"dgl"``, a callable's name).
+        flops: forward FLOPs per sample of the head itself (0 for the main head, whose
+            classifier is part of the last stage).
     """
 
     index: int
@@ -71,6 +75,7 @@ class Head:
     window: tuple[int, int]
     weight: float
     kind: str
+    flops: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,12 +106,40 @@ class Plan:
         return type(self.graph).__name__ if type(self.graph) is not fx.GraphModule else self.graph._get_name()
 
     def stage_modules(self) -> list[fx.GraphModule]:
-        """One GraphModule per stage, each mapping the stage's inputs to its outputs."""
-        if "stage_modules" not in self._cache:
+        """One GraphModule per stage, each mapping the stage's inputs to its outputs.
+
+        Plans made from this one by ``dataclasses.replace`` with the same graph and
+        stages (adding heads) share these modules.
+        """
+        key = (id(self.graph), self.stages)
+        if self._cache.get("stage_modules_key") != key:
             from .split import split_stages
 
             self._cache["stage_modules"] = split_stages(self)
+            self._cache["stage_modules_key"] = key
         return self._cache["stage_modules"]
+
+    def forward_flops(self) -> int:
+        """Forward FLOPs per sample of the stages and heads."""
+        return sum(s.flops for s in self.stages) + sum(h.flops for h in self.heads)
+
+    def backward_flop_ratio(self) -> float:
+        """Theoretical backward FLOPs of a training step relative to ``deep`` mode with the same heads.
+
+        Scoped (overlap) stages re-run their backward once per gradient channel that
+        continues below them (see :func:`fxrelay.scopes.backward_flops`).
+        """
+        from .scopes import backward_flops
+
+        deep = replace(self, heads=tuple(replace(h, window=(0, h.stage)) for h in self.heads))
+        return backward_flops(self) / backward_flops(deep)
+
+    def step_flop_ratio(self) -> float:
+        """Theoretical forward+backward FLOPs of a training step relative to ``deep`` mode."""
+        from .scopes import backward_flops
+
+        deep = replace(self, heads=tuple(replace(h, window=(0, h.stage)) for h in self.heads))
+        return (self.forward_flops() + backward_flops(self)) / (self.forward_flops() + backward_flops(deep))
 
     def run_stages(self, *inputs: Any) -> Any:
         """Run the stages one after the other and return the model's output.
@@ -144,10 +177,11 @@ class Plan:
         lines += _table(rows)
         if self.heads:
             lines.append("")
-            rows = [("head", "stage", "window", "weight", "kind")]
-            rows += [(str(h.index), str(h.stage), f"{h.window[0]}..{h.window[1]}", f"{h.weight:g}", h.kind)
-                     for h in self.heads]
+            rows = [("head", "stage", "window", "weight", "kind", "GFLOPs")]
+            rows += [(str(h.index), str(h.stage), f"{h.window[0]}..{h.window[1]}", f"{h.weight:g}", h.kind,
+                      f"{h.flops / 1e9:.3g}") for h in self.heads]
             lines += _table(rows)
+            lines.append(f"backward FLOPs vs deep supervision: {self.backward_flop_ratio():.3f}x")
         if self.leaves:
             lines.append(f"traced as leaves (untraceable code): {', '.join(self.leaves)}")
         return "\n".join(lines)

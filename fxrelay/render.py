@@ -85,8 +85,9 @@ def render(
         GraphvizNotFound: a rendered format was asked for and ``dot`` is not installed.
 
     Example:
-        >>> import torchvision, fxrelay
-        >>> fxrelay.render(torchvision.models.resnet18(), "/tmp/resnet18.dot").suffix
+        >>> import torchvision
+        >>> from fxrelay.render import render
+        >>> render(torchvision.models.resnet18(), "/tmp/resnet18.dot").suffix
         '.dot'
     """
     path = Path(path)
@@ -138,13 +139,13 @@ def render_graph(plan: Plan, level: str = "stage", depth: int | None = DEFAULT_D
         level: ``"stage"`` or ``"node"``.
         depth: for ``level="node"``, the module depth below which modules collapse.
 
-    Raises:
-        ValueError: unknown level, or ``depth`` below 1.
-
     Returns:
         A ``graphviz.Digraph``: clusters ``cluster_stage_<i>``, nodes ``stage_<i>``
         (stage level), ``head_<j>``, ``input_<name>``, ``output``, ``legend``, and
         ``scope_*`` markers.
+
+    Raises:
+        ValueError: unknown level, or ``depth`` below 1.
 
     Example:
         >>> import torchvision, fxrelay

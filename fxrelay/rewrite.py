@@ -46,7 +46,7 @@ from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from .analysis import as_inputs
-from .heads import AuxHead, HeadFactory, head_kind, make_head
+from .heads import AuxHead, HeadFactory, head_flops, head_kind, make_head
 from .outputs import combine_heads
 from .partition import partition
 from .plan import Head, Plan
@@ -163,8 +163,11 @@ def transform(
     aux = [h for h in plan.heads if h.kind != "main"]
     classes = _num_classes(model, plan, num_classes) if aux else 0
     device, dtype = _placement(model)
-    head_modules = [AuxHead(make_head(head, plan.stages[h.stage].shape, classes)).to(device, dtype) for h in aux]
-    return _build(model, plan, head_modules)
+    bodies = [make_head(head, plan.stages[h.stage].shape, classes).to(device, dtype) for h in aux]
+    flops = [head_flops(b, plan.stages[h.stage].shape) for b, h in zip(bodies, aux)]
+    plan = dataclasses.replace(plan, heads=tuple(
+        dataclasses.replace(h, flops=flops[h.index]) if h.kind != "main" else h for h in plan.heads))
+    return _build(model, plan, [AuxHead(b) for b in bodies])
 
 
 def _num_classes(model: nn.Module, plan: Plan, num_classes: int | None) -> int:

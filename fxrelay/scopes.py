@@ -82,7 +82,7 @@ def gradient_channels(producers: Sequence[Sequence[int]], heads: Sequence[Head])
     return tuple(scopes)
 
 
-def backward_flops(plan: Plan, head_flops: Sequence[int]) -> int:
+def backward_flops(plan: Plan) -> int:
     """Theoretical backward FLOPs per sample of the plan's training step.
 
     A plain stage's backward costs twice its forward (input and weight gradients);
@@ -90,7 +90,7 @@ def backward_flops(plan: Plan, head_flops: Sequence[int]) -> int:
     that continues below it; each head costs twice its forward.
     """
     scopes = gradient_channels(producing_stages(plan), plan.heads)
-    total = 2 * sum(head_flops)
+    total = 2 * sum(h.flops for h in plan.heads)
     for stage, scope in zip(plan.stages, scopes):
         if not scope.channels:
             continue

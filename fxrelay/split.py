@@ -10,7 +10,7 @@ Example:
     >>> plan = fxrelay.partition(torchvision.models.vgg11())
     >>> stage = plan.stage_modules()[1]
     >>> print(stage.code.strip().splitlines()[0])
-    def forward(self, features_2):
+    def forward(self, features_1):
 """
 
 from __future__ import annotations

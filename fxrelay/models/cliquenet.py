@@ -20,25 +20,28 @@ pool, FC-ReLU-FC-sigmoid, halving in between) and 2x2 average pooling. The
 *multi-scale feature strategy* sends every block's ``{X_0, Stage-II}`` straight to the
 classifier: *compressed* to half its channels by BN-ReLU-1x1, then BN-ReLU and global
 average pooling; the pooled vectors of all blocks are concatenated into the
-classifier. So partitioning a CliqueNet cuts several tensors at once: each stage hands
-its pooled features to the last stage besides its main output.
+classifier. So partitioning a CliqueNet cuts several tensors at once: the last stage
+reads the pooled features of the earlier blocks besides its main input.
 
 Variants (``timm.create_model(name)`` once ``fxrelay.models`` is imported):
 
 * ``cliquenet_s0`` .. ``cliquenet_s3``: the paper's CIFAR/SVHN networks, three blocks
-  at 32x32, 16x16, 8x8 after a 3x3 stem of 64 channels, with all three techniques
-  (attentional transition, bottleneck, compression), ``(k, T)`` = (36, 12), (64, 15),
-  (80, 15), (80, 18) from the paper's main CIFAR table (``T`` layers in all, ``T/3`` per
-  block; ``k`` channels per layer). Input 3x32x32, 10 classes. ``fxrelay.partition``
-  cuts them into 3 stages, one per block: stage ``b`` runs the end of transition
-  ``b-1`` (its average pool), block ``b``, its pooled features, and the start of
-  transition ``b`` (BN-ReLU-conv and attention, at block ``b``'s resolution).
+  at 32x32, 16x16, 8x8 after a 3x3 stem of 64 channels, with the ``(k, T)`` of the
+  four CliqueNets of the authors' main CIFAR table, (36, 12), (64, 15), (80, 15),
+  (80, 18) (``T`` layers in all, ``T/3`` per block, ``k`` channels per layer), and all
+  three techniques (attentional transition, bottleneck, compression) on. That table's
+  networks have none of them: ``attention=False, bottleneck=False, compression=False``
+  gives them exactly (0.94M, 4.49M, 6.94M, 10.14M parameters; 0.91 and 4.21 GFLOPs
+  for the first two). Input 3x32x32, 10 classes. Three resolution levels, so
+  ``fxrelay.partition`` makes 3 stages. (These S0..S3 number the CIFAR table by size;
+  the authors' code names its ImageNet networks S0..S3: here the next four.)
 * ``cliquenet_imagenet_s0`` .. ``cliquenet_imagenet_s3``: the authors' ImageNet
   networks (named S0..S3 in their code): 7x7/2 stem of 64 channels and 3x3/2 max pool,
   four blocks at 56, 28, 14, 7 with ``k`` = (36, 64, 100, 80), (36, 80, 120, 100),
   (36, 80, 150, 120), (40, 80, 160, 160) and (5, 6, 6, 6), (5, 6, 6, 6), (5, 5, 6, 6),
   (6, 6, 6, 6) layers. Input 3x224x224. They partition into 5 stages: the stem
-  (at 1/2 resolution), then one per block.
+  (at 1/2 resolution), then one per block, each ending after its transition's
+  attention; the last stage reads the earlier blocks' pooled features too.
 
 The paper also applies dropout (rate 0.2) after every convolution on CIFAR; here
 ``drop_rate`` is timm's, before the classifier.
@@ -143,8 +146,9 @@ class ScalePool(nn.Module):
     def __init__(self, channels: int, compression: bool = True):
         super().__init__()
         self.out_chs = channels // 2 if compression else channels
-        self.compress = nn.Sequential(
-            BatchNormAct2d(channels), nn.Conv2d(channels, self.out_chs, 1, bias=False)) if compression else nn.Identity()
+        self.compress = nn.Identity()
+        if compression:
+            self.compress = nn.Sequential(BatchNormAct2d(channels), nn.Conv2d(channels, self.out_chs, 1, bias=False))
         self.norm = BatchNormAct2d(self.out_chs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,10 +207,10 @@ class CliqueNet(nn.Module):
         x = self.stem(x)
         pooled = []
         for i, block in enumerate(self.blocks):
-            if i:
-                x = self.transitions[i - 1](refined)
             refined = block(x)
             pooled.append(self.pools[i](torch.cat([x, refined], 1)))
+            if i < len(self.transitions):
+                x = self.transitions[i](refined)
         return torch.cat(pooled, 1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -237,10 +241,12 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(p)
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> CliqueNet:
+def _create(variant: str, pretrained: bool, growth_rates: tuple[int, ...], block_layers: tuple[int, ...],
+            stem: str, **kwargs: Any) -> CliqueNet:
     if pretrained:
         raise ValueError(f"{variant} has no pretrained weights; use pretrained=False")
-    return build_model_with_cfg(CliqueNet, variant, pretrained, **kwargs)
+    args = dict(growth_rates=growth_rates, block_layers=block_layers, stem=stem)
+    return build_model_with_cfg(CliqueNet, variant, pretrained, **dict(args, **kwargs))
 
 
 def _cfg(input_size: tuple[int, int, int], num_classes: int, first_conv: str) -> dict[str, Any]:
@@ -255,60 +261,49 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _cifar(variant: str, growth: int, total_layers: int, pretrained: bool, **kwargs: Any) -> CliqueNet:
-    args = dict(growth_rates=(growth,) * 3, block_layers=(total_layers // 3,) * 3, stem="cifar")
-    return _create(variant, pretrained, **dict(args, **kwargs))
-
-
-def _imagenet(variant: str, growth_rates: tuple[int, ...], block_layers: tuple[int, ...], pretrained: bool,
-              **kwargs: Any) -> CliqueNet:
-    args = dict(growth_rates=growth_rates, block_layers=block_layers, stem="imagenet")
-    return _create(variant, pretrained, **dict(args, **kwargs))
-
-
 @register_model
 def cliquenet_s0(pretrained: bool = False, **kwargs: Any) -> CliqueNet:
     """CliqueNet k=36, T=12 (3 blocks of 4 layers), CIFAR setting, 32x32 input."""
-    return _cifar("cliquenet_s0", 36, 12, pretrained, **kwargs)
+    return _create("cliquenet_s0", pretrained, (36,) * 3, (4,) * 3, "cifar", **kwargs)
 
 
 @register_model
 def cliquenet_s1(pretrained: bool = False, **kwargs: Any) -> CliqueNet:
     """CliqueNet k=64, T=15 (3 blocks of 5 layers), CIFAR setting, 32x32 input."""
-    return _cifar("cliquenet_s1", 64, 15, pretrained, **kwargs)
+    return _create("cliquenet_s1", pretrained, (64,) * 3, (5,) * 3, "cifar", **kwargs)
 
 
 @register_model
 def cliquenet_s2(pretrained: bool = False, **kwargs: Any) -> CliqueNet:
     """CliqueNet k=80, T=15 (3 blocks of 5 layers), CIFAR setting, 32x32 input."""
-    return _cifar("cliquenet_s2", 80, 15, pretrained, **kwargs)
+    return _create("cliquenet_s2", pretrained, (80,) * 3, (5,) * 3, "cifar", **kwargs)
 
 
 @register_model
 def cliquenet_s3(pretrained: bool = False, **kwargs: Any) -> CliqueNet:
     """CliqueNet k=80, T=18 (3 blocks of 6 layers), CIFAR setting, 32x32 input: 3 stages."""
-    return _cifar("cliquenet_s3", 80, 18, pretrained, **kwargs)
+    return _create("cliquenet_s3", pretrained, (80,) * 3, (6,) * 3, "cifar", **kwargs)
 
 
 @register_model
 def cliquenet_imagenet_s0(pretrained: bool = False, **kwargs: Any) -> CliqueNet:
     """The authors' ImageNet CliqueNet-S0 (4 blocks), 224x224 input."""
-    return _imagenet("cliquenet_imagenet_s0", (36, 64, 100, 80), (5, 6, 6, 6), pretrained, **kwargs)
+    return _create("cliquenet_imagenet_s0", pretrained, (36, 64, 100, 80), (5, 6, 6, 6), "imagenet", **kwargs)
 
 
 @register_model
 def cliquenet_imagenet_s1(pretrained: bool = False, **kwargs: Any) -> CliqueNet:
     """The authors' ImageNet CliqueNet-S1 (4 blocks), 224x224 input."""
-    return _imagenet("cliquenet_imagenet_s1", (36, 80, 120, 100), (5, 6, 6, 6), pretrained, **kwargs)
+    return _create("cliquenet_imagenet_s1", pretrained, (36, 80, 120, 100), (5, 6, 6, 6), "imagenet", **kwargs)
 
 
 @register_model
 def cliquenet_imagenet_s2(pretrained: bool = False, **kwargs: Any) -> CliqueNet:
     """The authors' ImageNet CliqueNet-S2 (4 blocks), 224x224 input."""
-    return _imagenet("cliquenet_imagenet_s2", (36, 80, 150, 120), (5, 5, 6, 6), pretrained, **kwargs)
+    return _create("cliquenet_imagenet_s2", pretrained, (36, 80, 150, 120), (5, 5, 6, 6), "imagenet", **kwargs)
 
 
 @register_model
 def cliquenet_imagenet_s3(pretrained: bool = False, **kwargs: Any) -> CliqueNet:
     """The authors' ImageNet CliqueNet-S3 (4 blocks), 224x224 input."""
-    return _imagenet("cliquenet_imagenet_s3", (40, 80, 160, 160), (6, 6, 6, 6), pretrained, **kwargs)
+    return _create("cliquenet_imagenet_s3", pretrained, (40, 80, 160, 160), (6, 6, 6, 6), "imagenet", **kwargs)

@@ -1,0 +1,207 @@
+"""Tests for fxrelay.render: stage- and node-level drawings parsed back from SVG/JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import xml.etree.ElementTree as ET
+
+import networkx as nx
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxrelay
+from fxrelay import Head, Plan
+from fxrelay.analysis import graph_to_dag
+from fxrelay.render import DEFAULT_DEPTH, GraphvizNotFound, render, render_graph
+
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz 'dot' is not installed")
+MODELS = {"vgg19_bn": 64, "resnet50": 64, "densenet121": 64, "vit_tiny_patch16_224": 224}
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def relay_heads(num_stages: int, window: int = 2, aux_weight: float = 0.3) -> tuple[Head, ...]:
+    """Relay BP: aux heads on every stage but the first two and the last, the lowest reaching stage 0."""
+    stages = list(range(2, num_stages - 1)) + [num_stages - 1]
+    return tuple(
+        Head(j, a, (0 if j == 0 else a - window + 1, a), 1.0 if a == num_stages - 1 else aux_weight,
+             "main" if a == num_stages - 1 else "auto")
+        for j, a in enumerate(stages)
+    )
+
+
+def greedy_heads(num_stages: int) -> tuple[Head, ...]:
+    """Greedy: a head on every stage, each training its own stage only."""
+    return tuple(Head(k, k, (k, k), 1.0 if k == num_stages - 1 else 0.3, "main" if k == num_stages - 1 else "linear")
+                 for k in range(num_stages))
+
+
+def with_heads(plan: Plan, mode: str) -> Plan:
+    heads = relay_heads if mode == "relay" else greedy_heads
+    return dataclasses.replace(plan, heads=heads(len(plan.stages)), mode=mode)
+
+
+def svg_items(svg: bytes) -> dict[str, list[str]]:
+    """Titles of the SVG's clusters, nodes and edges, and all its text."""
+    root = ET.fromstring(svg)
+    items: dict[str, list[str]] = {"cluster": [], "node": [], "edge": []}
+    for g in root.iter(f"{SVG}g"):
+        if g.get("class") in items:
+            items[g.get("class")].append(g.find(f"{SVG}title").text)
+    items["text"] = [t.text or "" for t in root.iter(f"{SVG}text")]
+    return items
+
+
+class LongSkip(nn.Module):
+    """Four resolution levels; the classifier also reads stage 1's output (a two-tensor cut)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.downs = nn.ModuleList(nn.Conv2d(8, 8, 3, stride=2, padding=1) for _ in range(3))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        a = self.stem(x).relu()
+        b = self.downs[0](a).relu()
+        d = self.downs[2](self.downs[1](b).relu()).relu()
+        return self.fc(torch.cat([F.adaptive_avg_pool2d(b, 1).flatten(1), d.mean((2, 3))], 1))
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def plan(request) -> Plan:
+    size = MODELS[request.param]
+    return fxrelay.partition(timm.create_model(request.param), example_input=torch.randn(2, 3, size, size))
+
+
+@needs_dot
+def test_stage_level_relay(plan):
+    relay = with_heads(plan, "relay")
+    items = svg_items(render_graph(relay, "stage").pipe(format="svg"))
+    num_stages = len(plan.stages)
+    assert sorted(items["cluster"]) == sorted(f"cluster_stage_{i}" for i in range(num_stages))
+    assert {f"stage_{i}" for i in range(num_stages)} | {f"head_{h.index}" for h in relay.heads} | {"legend"} \
+        <= set(items["node"])
+    text = " ".join(items["text"])
+    lo, hi = relay.heads[0].window
+    assert f"loss 0 (head at stage {hi}, auto, w=0.3) trains stages {lo}–{hi}" in text
+    assert f"loss {len(relay.heads) - 1} (head at stage {num_stages - 1}, main, w=1)" in text
+    # reason: single-tensor cuts; windows start at 0, 2, 3, ..., S-2: one scope per start above 0
+    assert all(len(s.inputs) == 1 for s in plan.stages)
+    assert sum(n.startswith("scope_") for n in items["node"]) == num_stages - 3
+    chips = [n for n in items["node"] if n.startswith("window_")]
+    assert len(chips) == sum(h.window[1] - h.window[0] + 1 for h in relay.heads)
+
+
+@needs_dot
+def test_node_level_accounts_for_every_live_node(plan):
+    relay = with_heads(plan, "relay")
+    items = svg_items(render_graph(relay, "node").pipe(format="svg"))
+    assert sorted(items["cluster"]) == sorted(f"cluster_stage_{i}" for i in range(len(plan.stages)))
+    assert {f"head_{h.index}" for h in relay.heads} | {"legend"} <= set(items["node"])
+    dag = graph_to_dag(plan.graph.graph)
+    output = plan.output_node.name
+    live = (nx.ancestors(dag, output) | {output}) - {output, *plan.input_names}
+    grouped = sum(int(m) for t in items["text"] for m in re.findall(r"^(\d+) ops", t))
+    single = sum(n.startswith("node_") for n in items["node"])
+    assert grouped + single == len(live)
+    assert len(items["node"]) < 400
+
+
+@needs_dot
+@pytest.mark.parametrize("mode", ["relay", "greedy"])
+def test_stage_layout_columns(plan, mode):
+    """Window chips left of their stage in loss order, heads right of it, each window one straight bar."""
+    drawn = with_heads(plan, mode)
+    layout = json.loads(render_graph(drawn, "stage").pipe(format="json"))
+    x = {o["name"]: float(o["pos"].split(",")[0]) for o in layout["objects"] if "pos" in o}
+    for stage in drawn.stages:
+        chips = [x[f"window_{h.index}_{stage.index}"] for h in drawn.heads if h.window[0] <= stage.index <= h.window[1]]
+        heads = [x[f"head_{h.index}"] for h in drawn.heads if h.stage == stage.index]
+        row = chips + [x[f"stage_{stage.index}"]] + heads
+        assert row == sorted(row)
+    for h in drawn.heads:
+        assert len({x[f"window_{h.index}_{k}"] for k in range(h.window[0], h.window[1] + 1)}) == 1
+    width_px = float(layout["bb"].split(",")[2]) * 96 / 72
+    assert width_px < 800
+
+
+@needs_dot
+def test_multi_tensor_cut_draws_one_edge_per_tensor():
+    plan = fxrelay.partition(LongSkip(), example_input=torch.randn(2, 3, 32, 32))
+    assert plan.stages[3].inputs == ("relu_1", "relu_2")
+    items = svg_items(render_graph(with_heads(plan, "greedy"), "stage").pipe(format="svg"))
+    edges = [tuple(title.split("->")) for title in items["edge"]]
+    scopes_into_3 = {tail for tail, head in edges if head == "stage_3" and tail.startswith("scope_")}
+    producers = sorted(tail for tail, head in edges if head in scopes_into_3)
+    assert producers == ["stage_1", "stage_2"]
+    assert "✕ scope: L3 stops" in items["text"]
+
+
+@needs_dot
+def test_files_by_suffix(tmp_path):
+    model = torchvision.models.resnet18()
+    example = torch.randn(2, 3, 64, 64)
+    magic = {".svg": b"<?xml", ".png": b"\x89PNG", ".pdf": b"%PDF", ".dot": b"digraph"}
+    for suffix, head in magic.items():
+        path = render(model, tmp_path / f"r{suffix}", example_input=example)
+        assert path == tmp_path / f"r{suffix}" and path.read_bytes().startswith(head)
+    png = (tmp_path / "r.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") < 1600  # reason: a 5-stage picture fits a screen
+    with pytest.raises(ValueError, match=r"\.jpg"):
+        render(model, tmp_path / "r.jpg")
+    with pytest.raises(ValueError, match="level"):
+        render_graph(fxrelay.partition(model, example_input=example), "module")
+
+
+def test_without_dot_only_dot_files(tmp_path, monkeypatch):
+    plan = fxrelay.partition(torchvision.models.resnet18(), example_input=torch.randn(2, 3, 64, 64))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert render(plan, tmp_path / "plan.dot").read_text().count("subgraph cluster_stage_") == 5
+    with pytest.raises(GraphvizNotFound, match="apt-get install graphviz") as error:
+        render(plan, tmp_path / "plan.svg")
+    assert isinstance(error.value, RuntimeError) and "brew install graphviz" in str(error.value)
+    assert not (tmp_path / "plan.svg").exists()
+
+
+@needs_dot
+def test_plain_and_deployed_models_have_no_heads(tmp_path):
+    deploy = pytest.importorskip("fxrelay.deploy").deploy
+    model, example = torchvision.models.resnet18(), torch.randn(2, 3, 64, 64)
+    for name, m in (("plain", model), ("deployed", deploy(model, example))):
+        items = svg_items(render(m, tmp_path / f"{name}.svg", level="node", example_input=example).read_bytes())
+        assert len(items["cluster"]) == 5
+        assert not any(n.startswith(("head_", "scope_")) for n in items["node"])
+        assert "no heads: fxrelay.transform adds the losses" in " ".join(items["text"])
+    assert "BatchNorm2d" not in " ".join(items["text"])
+
+
+@needs_dot
+def test_transformed_model_draws_its_plan(tmp_path):
+    rewrite = pytest.importorskip("fxrelay.rewrite")
+    model = rewrite.transform(torchvision.models.resnet18(num_classes=10), "relay",
+                              example_input=torch.randn(2, 3, 64, 64))
+    plan = rewrite.plan_of(model)
+    items = svg_items(render(model, tmp_path / "relay.svg").read_bytes())
+    assert len(items["cluster"]) == len(plan.stages) == 5
+    assert sorted(n for n in items["node"] if n.startswith("head_")) == [f"head_{h.index}" for h in plan.heads]
+    text = " ".join(items["text"])
+    assert all(f"loss {h.index} (head at stage {h.stage}" in text for h in plan.heads)
+
+
+def test_depth_collapses_modules():
+    plan = fxrelay.partition(torchvision.models.resnet18(), example_input=torch.randn(2, 3, 64, 64))
+    source = {d: render_graph(plan, "node", d).source for d in (1, DEFAULT_DEPTH, 3)}
+    assert [source[d].count("<B>layer") for d in (1, 2, 3)] == [4, 8, 11]
+    assert "<B>layer2</B> · Sequential<BR/><FONT POINT-SIZE=\"8\">16 ops" in source[1]
+    assert "<B>layer2.0</B> · BasicBlock<BR/><FONT POINT-SIZE=\"8\">9 ops" in source[2]
+    # reason: depth 3 opens the blocks: 8 two-call relus and 3 conv+bn downsamples, the rest single nodes
+    assert "<B>layer2.0.downsample</B> · Sequential" in source[3] and "node_layer2_0_conv1" in source[3]
+    with pytest.raises(ValueError, match="depth"):
+        render_graph(plan, "node", 0)

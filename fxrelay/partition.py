@@ -54,6 +54,7 @@ def partition(
     *,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable] = (),
+    cut_after: Sequence[str] = (),
 ) -> Plan:
     """Trace, analyse and partition ``model`` into stages.
 
@@ -68,6 +69,8 @@ def partition(
         example_input: an input of the size the model is used at (default: timm's
             ``pretrained_cfg["input_size"]``, else 3x224x224).
         leaf_modules, autowrap_functions: passed to :func:`fxrelay.trace`.
+        cut_after: fx node names after which a stage must end, besides the found
+            boundaries (where a model's own aux classifier reads its features).
 
     Returns:
         The :class:`~fxrelay.Plan`.
@@ -87,11 +90,11 @@ def partition(
     if example_input is None:
         example_input = default_example_input(model)
     gm = trace(model, example_input, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
-    return plan_stages(gm, analyse(gm, example_input), boundaries, num_stages)
+    return plan_stages(gm, analyse(gm, example_input), boundaries, num_stages, cut_after)
 
 
 def plan_stages(gm: fx.GraphModule, analysis: Analysis, boundaries: str = "auto",
-                num_stages: int | None = None) -> Plan:
+                num_stages: int | None = None, cut_after: Sequence[str] = ()) -> Plan:
     """The pure heart of :func:`partition`: stages of an analysed graph."""
     layout = _Layout.of(gm, analysis)
     transitions = layout.main_path_transitions()
@@ -108,6 +111,7 @@ def plan_stages(gm: fx.GraphModule, analysis: Analysis, boundaries: str = "auto"
     wanted = num_stages if num_stages is not None else (None if boundaries == "pool" else min(_DEFAULT_BLOCKS, most))
     if wanted is not None:
         chosen = layout.resize(chosen, wanted, cuts)
+    chosen = sorted(set(chosen) | {layout.position[name] + 1 for name in cut_after})
     stages = layout.stages(chosen, transitions)
     return Plan(graph=gm, stages=stages, boundaries=boundaries, leaves=gm.meta.get("fxrelay_leaves", ()))
 

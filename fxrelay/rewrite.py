@@ -35,10 +35,11 @@ weights back to the input model's keys.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import operator
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -51,9 +52,10 @@ from .outputs import combine_heads
 from .partition import partition
 from .plan import Head, Plan
 from .scopes import StageScope, detach_scope, gradient_channels, producing_stages, scoped_stage
-from .trace import Tracer, default_example_input
+from .trace import Tracer, default_example_input, trace
 
-__all__ = ["MODES", "transform", "assign_heads", "plan_of", "is_transformed", "original_state_dict"]
+__all__ = ["MODES", "transform", "assign_heads", "model_aux_heads", "plan_of", "is_transformed",
+           "original_state_dict"]
 
 MODES = ("relay", "greedy", "deep", "standard")
 _STATE = "fxrelay_state"
@@ -96,7 +98,7 @@ def _aux_stages(num_stages: int, mode: str, heads: Union[str, Sequence[int]], sk
         return []
     if isinstance(heads, str):
         if heads != "auto":
-            raise ValueError(f"heads must be 'auto' or a list of stage indices, got {heads!r}")
+            raise ValueError(f"heads must be 'auto', 'model' or a list of stage indices, got {heads!r}")
         first = 0 if mode == "greedy" else skip_first
         return list(range(first, num_stages - 1))
     chosen = sorted(set(int(h) for h in heads))
@@ -135,7 +137,9 @@ def transform(
         mode: ``"relay"``, ``"greedy"``, ``"deep"`` or ``"standard"``.
         window: relay window: how many stages below and including its head a loss trains.
         heads: ``"auto"`` (a head on every stage but the first ``skip_first`` and the
-            last; greedy: every stage but the last) or a list of stage indices.
+            last; greedy: every stage but the last), a list of stage indices, or
+            ``"model"``: the model's own aux classifiers (GoogLeNet, Inception-v3) are
+            the heads, and a stage ends where each reads its features.
         head: head kind (see :mod:`fxrelay.heads`) or ``factory(feature_shape, num_classes)``.
         aux_weight: loss weight of every aux head (the main head has weight 1).
         skip_first: stages without an aux head at the bottom (Relay BP: 2).
@@ -155,19 +159,67 @@ def transform(
                          "(fxrelay.plan_of(model) shows the current plan)")
     _check_mode(mode)
     example_input = default_example_input(model) if example_input is None else example_input
-    plan = partition(model, boundaries, num_stages, example_input)
-    kind = head_kind(head)
+    own = model_aux_heads(model, example_input) if heads == "model" else {}
+    with _mode(model, training=False):  # reason: the inference graph; aux-logit branches stay out
+        plan = partition(model, boundaries, num_stages, example_input, cut_after=list(own.values()))
+    if heads == "model":
+        stage_of = {s.outputs[-1]: s.index for s in plan.stages}
+        heads, head = [stage_of[name] for name in own.values()], "model"
     plan = dataclasses.replace(plan, mode=mode, heads=assign_heads(
         len(plan.stages), mode, window=window, heads=heads, skip_first=skip_first, aux_weight=aux_weight,
-        kind=kind))
+        kind=head_kind(head)))
     aux = [h for h in plan.heads if h.kind != "main"]
     classes = _num_classes(model, plan, num_classes) if aux else 0
     device, dtype = _placement(model)
-    bodies = [make_head(head, plan.stages[h.stage].shape, classes).to(device, dtype) for h in aux]
+    bodies = [model.get_submodule(name) for name in own] if own else \
+        [make_head(head, plan.stages[h.stage].shape, classes).to(device, dtype) for h in aux]
     flops = [head_flops(b, plan.stages[h.stage].shape) for b, h in zip(bodies, aux)]
     plan = dataclasses.replace(plan, heads=tuple(
         dataclasses.replace(h, flops=flops[h.index]) if h.kind != "main" else h for h in plan.heads))
     return _build(model, plan, [AuxHead(b) for b in bodies])
+
+
+def model_aux_heads(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, str]:
+    """The model's own aux classifiers (GoogLeNet, Inception-v3): module name -> fx node it reads.
+
+    They are the top-level submodules its train-mode graph calls and its eval-mode
+    graph does not.
+
+    Raises:
+        ValueError: the model has none.
+    """
+    with _mode(model, training=True):
+        train_graph = trace(model, example_input).graph
+    with _mode(model, training=False):
+        eval_graph = trace(model, example_input).graph
+    used = {_top_module(n) for n in eval_graph.nodes}
+    members: dict[str, set[str]] = {}
+    for n in train_graph.nodes:
+        if _top_module(n) not in used:
+            members.setdefault(_top_module(n), set()).add(n.name)
+    reads = {name: next(a.name for n in train_graph.nodes if n.name in nodes for a in n.all_input_nodes
+                        if a.name not in nodes) for name, nodes in members.items()}
+    if not reads:
+        raise ValueError(f"heads='model': {type(model).__name__} has no aux classifiers of its own "
+                         "(its train-mode graph calls no module its eval-mode graph does not)")
+    return reads
+
+
+def _top_module(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [path for path, _ in stack.values() if path]
+    return paths[0].split(".")[0] if paths else None
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def _num_classes(model: nn.Module, plan: Plan, num_classes: int | None) -> int:

@@ -38,12 +38,16 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = ["Tracer", "TraceError", "trace", "default_example_input"]
 
 _FX_DIR = os.path.dirname(fx.__file__)
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_MODE_DEPENDENT = frozenset({
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+})
 
 
 class TraceError(RuntimeError):
@@ -72,11 +76,14 @@ def _timm_leaf_types() -> list[type]:
         from timm.layers import get_notrace_modules, norm_act
     except ImportError:  # reason: timm is optional for plain torchvision/user models
         return []
+    from timm.layers import DropBlock2d, DropPath
+
     norm_acts = [
         obj for obj in vars(norm_act).values()
         if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == norm_act.__name__
     ]
-    return list(get_notrace_modules()) + norm_acts
+    # reason: DropPath/DropBlock branch on self.training; as leaves they follow the mode at run time
+    return list(get_notrace_modules()) + norm_acts + [DropPath, DropBlock2d]
 
 
 def _timm_autowrap_functions() -> list[Callable]:
@@ -139,6 +146,16 @@ class Tracer(fx.Tracer):
             or isinstance(m, self.leaf_types)
             or super().is_leaf_module(m, module_qualified_name)
         )
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, *rest: Any, **more: Any):
+        if kind == "call_function" and target in _MODE_DEPENDENT:
+            # reason: F.dropout(x, p, training=self.training) would bake the trace-time mode in;
+            # a get_attr of `training` reads the mode of the GraphModule that runs it
+            bound = inspect.signature(target).bind(*args, **kwargs)
+            bound.apply_defaults()
+            kwargs = {**bound.arguments, "training": self.create_proxy("get_attr", "training", (), {})}
+            args = (kwargs.pop("input"),)
+        return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         try:

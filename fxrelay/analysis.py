@@ -1,7 +1,9 @@
 """Pass 2: shapes, cost and structure of a traced graph.
 
 :func:`analyse` propagates meta tensors (no compute, the model is untouched) through a
-GraphModule twice, at the example input's size and at twice that size. A dimension
+GraphModule twice, at the example input's size and at twice that size; a model with
+ops that need values (``.item()`` in a leaf) runs on seeded random data instead, on
+copies of its buffers. A dimension
 that doubles with the input is spatial; that is how resolution levels are found from
 shapes alone, whatever the layout (NCHW, NHWC, tokens with class tokens) and whether
 or not the model has pooling ops. The result, per node:
@@ -25,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from dataclasses import dataclass
@@ -36,7 +39,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
 __all__ = ["NodeInfo", "Analysis", "analyse", "as_inputs", "owned_parameters", "graph_to_dag"]
@@ -195,11 +198,11 @@ class _FlopCounter(TorchDispatchMode):
 
 
 class _MetaPropagator(fx.Interpreter):
-    """Runs a graph on meta tensors, recording every value and its FLOPs."""
+    """Runs a graph on meta tensors (or real ones), recording every value's shape and its FLOPs."""
 
-    def __init__(self, gm: fx.GraphModule, count_flops: bool):
+    def __init__(self, gm: fx.GraphModule, count_flops: bool, meta: bool = True):
         super().__init__(gm)
-        self.count_flops = count_flops
+        self.count_flops, self.meta = count_flops, meta
         self.values: dict[str, Any] = {}
         self.flops: dict[str, int] = {}
 
@@ -210,14 +213,40 @@ class _MetaPropagator(fx.Interpreter):
             self.flops[n.name] = counter.total
         else:
             value = super().run_node(n)
-        self.values[n.name] = value
+        # reason: real runs must not keep every activation
+        self.values[n.name] = value if self.meta else tree_map(_shape_only, value)
         return value
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
-        if _is_shape_preserving(module) and args and isinstance(args[0], torch.Tensor):
+        if self.meta and _is_shape_preserving(module) and args and isinstance(args[0], torch.Tensor):
             return torch.empty_like(args[0])
         return super().call_module(target, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        return super().call_function(target, *self._on_meta(args, kwargs))
+
+    def call_method(self, target, args, kwargs):
+        return super().call_method(target, *self._on_meta(args, kwargs))
+
+    def _on_meta(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Devices the trace baked in (``device=x.device`` evaluated while tracing) become meta."""
+        if not self.meta:
+            return args, kwargs
+        return tree_map(_meta_device, args), tree_map(_meta_device, kwargs)
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        # reason: tensor constants fx stored on the module are not in the state dict
+        return _shape_only(value) if self.meta else value
+
+
+def _meta_device(value: Any) -> Any:
+    return torch.device("meta") if isinstance(value, torch.device) else value
+
+
+def _shape_only(value: Any) -> Any:
+    return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
 
 
 def _is_shape_preserving(module: nn.Module) -> bool:
@@ -243,20 +272,26 @@ def _may_cost_flops(n: fx.Node, root: nn.Module) -> bool:
 
 def _propagate(gm: fx.GraphModule, inputs: tuple, batch: int, scale: int,
                count_flops: bool = True) -> _MetaPropagator:
-    """Run ``gm`` on meta tensors; on real ones (buffers copied) if some op needs values."""
-    try:
-        return _run(gm, _resized(inputs, batch, scale, "meta"), meta=True, count_flops=count_flops)
-    except Exception:  # noqa: BLE001  (reason: .item(), nonzero, data-dependent leaves)
-        return _run(gm, _resized(inputs, batch, scale, inputs[0].device), meta=False, count_flops=count_flops)
+    """Run ``gm`` on meta tensors, with meta as the default device when forward makes
+    tensors (rotary tables, masks), else on real ones if some op needs values."""
+    meta_inputs = _resized(inputs, batch, scale, "meta")
+    for meta, device in ((True, None), (True, "meta")):  # reason: the device mode slows every op; only if needed
+        try:
+            return _run(gm, meta_inputs, meta, device, count_flops)
+        except Exception:  # noqa: BLE001  (reason: cpu tensors made in forward, .item(), data-dependent leaves)
+            pass
+    return _run(gm, _resized(inputs, batch, scale, inputs[0].device), False, None, count_flops)
 
 
-def _run(gm: fx.GraphModule, inputs: tuple, meta: bool, count_flops: bool) -> _MetaPropagator:
+def _run(gm: fx.GraphModule, inputs: tuple, meta: bool, device: str | None, count_flops: bool) -> _MetaPropagator:
     if meta:
-        state = {k: torch.empty_like(v, device="meta") for k, v in gm.state_dict(keep_vars=True).items()}
+        tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}  # reason: non-persistent too
+        state = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
     else:  # reason: train-mode BN must not update the model's running statistics
         state = {k: v.clone() for k, v in gm.named_buffers()}
-    prop = _MetaPropagator(gm, count_flops)
-    with _reparametrize_module(gm, state), torch.no_grad():
+    prop = _MetaPropagator(gm, count_flops, meta)
+    default_device = torch.device(device) if device else contextlib.nullcontext()
+    with _reparametrize_module(gm, state), torch.no_grad(), default_device:
         prop.run(*inputs)
     return prop
 
@@ -336,18 +371,20 @@ def _reduction_one_size(t, size, batch) -> int | None:
     h_in, w_in = size
     if t.dim() == 4:
         a, b, c = t.shape[1:]
-        if b == c > 1:  # reason: NCHW
-            return _nice_reduction(h_in, b)
-        if a == b > 1:  # reason: NHWC (swin, maxvit)
-            return _nice_reduction(h_in, a)
-        return None
+        side = b if b == c > 1 else a if a == b > 1 else None  # reason: NCHW, else NHWC (swin, maxvit)
+        # reason: a valid conv leaves an odd extent (PiT: 224 -> 27 is 8)
+        return (_power_stride(h_in, side) or _snap(h_in, side)) if side else None
     for d in (1, 2):  # reason: (B, N, C) tokens or (B, C, N)
         for extra in range(0, 9):
             side = math.isqrt(max(t.shape[d] - extra, 0))
-            if side > 1 and side * side == t.shape[d] - extra and h_in % side == 0:
-                return h_in // side
+            if side > 1 and side * side == t.shape[d] - extra:
+                stride = _power_stride(h_in, side) or (h_in // side if h_in % side == 0 else None)
+                if stride:
+                    return stride
     return None
 
 
-def _nice_reduction(size: int, extent: int) -> int | None:
-    return size // extent if extent and size % extent == 0 else None
+def _power_stride(size: int, extent: int) -> int | None:
+    """The power of two a strided layer maps ``size`` to ``extent`` with, rounding up or
+    down (224 -> 4 is 64, not 56), if any."""
+    return next((2 ** k for k in range(12) if extent in (size // 2 ** k, -(-size // 2 ** k))), None)

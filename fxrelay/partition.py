@@ -132,25 +132,27 @@ class _Layout:
     tensor_crossings: list[int]
     all_crossings: list[int]
     crossing_numel: list[int]
+    data_crossings: list[int]
 
     @classmethod
     def of(cls, gm: fx.GraphModule, analysis: Analysis) -> "_Layout":
         constants = _constant_nodes(gm.graph)
         order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and n.name not in constants]
         position = {n.name: i for i, n in enumerate(order)}
-        tensor_diff, all_diff, numel_diff = ([0] * (len(order) + 2) for _ in range(3))
+        data = _data_dependent_nodes(gm.graph)
+        diffs = [[0] * (len(order) + 2) for _ in range(4)]
         for n in gm.graph.nodes:
             if n.name in constants or n.op == "output" or not n.users:
                 continue
             start = position.get(n.name, -1) + 1
             last = max(position.get(u.name, len(order)) for u in n.users)
             shape = analysis.info[n.name].shape
+            amounts = (shape is not None, 1, math.prod(shape or ()), shape is not None and n.name in data)
             if last >= start:
-                for diff, amount in ((all_diff, 1), (tensor_diff, shape is not None), (numel_diff, math.prod(shape or ()))):
+                for diff, amount in zip(diffs, amounts):
                     diff[start] += amount
                     diff[last + 1] -= amount
-        return cls(gm, analysis, order, position, constants,
-                   *(_prefix_sums(d) for d in (tensor_diff, all_diff, numel_diff)))
+        return cls(gm, analysis, order, position, constants, *(_prefix_sums(d) for d in diffs))
 
     def main_path_transitions(self) -> list[int]:
         """Positions of the nodes that open a new, coarser resolution level on the main path."""
@@ -199,8 +201,12 @@ class _Layout:
         return first
 
     def candidate_cuts(self) -> set[int]:
-        """Positions a single tensor crosses: where stages may be split or blocks cut."""
-        return {b for b in range(1, len(self.order)) if self.tensor_crossings[b] == 1}
+        """Positions a single data tensor crosses: where stages may be split or blocks cut.
+
+        Tensors computed from the input's shape alone (rotary tables, masks) may cross
+        too: a ViT with rotary embeddings is cut between blocks with them as extra inputs.
+        """
+        return {b for b in range(1, len(self.order)) if self.data_crossings[b] == 1}
 
     def cost(self, i: int) -> int:
         return self.analysis.info[self.order[i].name].flops + 1  # reason: node count breaks all-zero ties
@@ -293,6 +299,17 @@ def _constant_nodes(graph: fx.Graph) -> set[str]:
         if n.op == "placeholder" or any(s.name in dependent for s in n.all_input_nodes):
             dependent.add(n.name)
     return {n.name for n in graph.nodes if n.name not in dependent and n.op != "output"}
+
+
+def _data_dependent_nodes(graph: fx.Graph) -> set[str]:
+    """Nodes whose values depend on the input's values, not only on its shape."""
+    data: set[str] = set()
+    for n in graph.nodes:
+        reads_shape = (n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device")) \
+            or (n.op == "call_method" and n.target in ("size", "dim"))
+        if n.op == "placeholder" or (not reads_shape and any(s.name in data for s in n.all_input_nodes)):
+            data.add(n.name)
+    return data
 
 
 def _coarsest_path_to_output(graph: fx.Graph, info) -> dict[str, float]:

@@ -44,6 +44,7 @@ __all__ = ["partition", "plan_stages", "BOUNDARIES"]
 BOUNDARIES = ("auto", "pool", "blocks")
 _DEFAULT_BLOCKS = 4
 _NEAR_MIDDLE = 0.15
+_SUBSTANTIAL = 10  # reason: a stage closes after at least 1/10 of its level's FLOPs
 
 
 def partition(
@@ -172,17 +173,22 @@ class _Layout:
 
         The stage a boundary closes must compute something (FLOPs or parameters) after
         the previous transition: no stage of a lone pool, of bare reshapes or of a
-        dropout before the stem. Ties go to the input of a module enclosing the
+        dropout before the stem; and, where it can, at least a tenth of its level's FLOPs. Ties go to the input of a module enclosing the
         transition (a block or stage input, or the transition itself), then to the
         fewest crossing elements (before an expansion conv, not after), then to the
         latest position.
         """
         info = self.analysis.info
         computing = _prefix_sums([0] + [int(bool(info[n.name].flops or info[n.name].params)) for n in self.order])
+        flops = _prefix_sums([0] + [info[n.name].flops for n in self.order])
         first = self._first_positions()
         cuts, previous = [], 0
         for level_start, t in zip([0] + transitions, transitions):
             window = [b for b in range(max(previous, level_start) + 1, t + 1) if computing[b] > computing[level_start]]
+            # reason: a stage holds its level's work; CliqueNet's stem is a single-tensor cut
+            # but its clique block (the level's FLOPs) ends at a multi-tensor one
+            level = flops[t] - flops[level_start]
+            window = [b for b in window if _SUBSTANTIAL * (flops[b] - flops[level_start]) >= level] or window
             path = _module_path(self.order[t])
             enclosing = {first[path[:k]] for k in range(1, len(path) + 1)}
             if window:

@@ -116,7 +116,34 @@ def check_feature_info(ctx: Context) -> dict[str, Any]:
             "feature_info_match": sorted(set(timm_reductions)) == plan_reductions}
 
 
-CHECKS: list[Callable[[Context], dict[str, Any]]] = [check_trace, check_partition, check_feature_info]
+def _deploy_diff(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max abs difference, failing above 1e-4 * max(1, max |expected|) (the deploy criterion)."""
+    diff = (got - expected).abs().max().item()
+    if diff > TOLERANCE * max(1.0, expected.abs().max().item()):
+        raise AssertionError(f"deployed output differs (max abs diff {diff:.3g})")
+    return diff
+
+
+def check_deploy(ctx: Context) -> dict[str, Any]:
+    from fxrelay.fold import count_batchnorms, fold_report
+
+    deployed = fxrelay.deploy(ctx.model, ctx.x)
+    with torch.no_grad():
+        diff = _deploy_diff(deployed(ctx.x), ctx.expected)
+    return {"deploy_diff": f"{diff:.2g}", "bn_before": count_batchnorms(ctx.shared["plan"].graph),
+            "bn_after": count_batchnorms(deployed), "bn_unfoldable": len(fold_report(deployed))}
+
+
+def check_deploy_transformed(ctx: Context) -> dict[str, Any]:
+    transformed = fxrelay.transform(ctx.model, "relay", example_input=ctx.x, num_classes=10)
+    with torch.no_grad():
+        diff = _deploy_diff(fxrelay.deploy(transformed)(ctx.x), ctx.expected)
+    return {"heads": len(fxrelay.plan_of(transformed).heads), "deploy_transformed_diff": f"{diff:.2g}"}
+
+
+CHECKS: list[Callable[[Context], dict[str, Any]]] = [
+    check_trace, check_partition, check_feature_info, check_deploy, check_deploy_transformed,
+]
 
 
 def timm_cases(wanted: set[str] | None = None) -> list[Case]:
@@ -254,7 +281,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
     for source in sorted({r["source"] for r in rows}):
         group = [r for r in rows if r["source"] == source]
         traced = [r for r in group if r.get("trace_diff") is not None]
-        partitioned = [r for r in group if not r["failed_at"] and int(r.get("stages", 0)) >= 2]
+        partitioned = [r for r in group if r.get("run_stages_diff") is not None and int(r["stages"]) >= 2]
         times = [r["trace_s"] + r["partition_s"] for r in group if "partition_s" in r]
         lines.append(
             f"{source}: {len(group)} families, traced exactly {_pct(traced, group)}, "
@@ -262,6 +289,13 @@ def summary(rows: list[dict[str, Any]]) -> str:
         )
         if times:
             lines.append(f"  trace + partition time: median {statistics.median(times):.2f} s, max {max(times):.2f} s")
+        deployed = [r for r in group if r.get("deploy_transformed_diff") is not None]
+        lines.append(f"  deploy(model) and deploy(transform(model)) match the eager output: {_pct(deployed, group)}")
+        bn = [(int(r["bn_before"]), int(r["bn_after"])) for r in group if r.get("bn_after") is not None]
+        if bn:
+            lines.append(f"  BatchNorms before -> after folding: {sum(b for b, _ in bn)} -> {sum(a for _, a in bn)} "
+                         f"({sum(1 for b, a in bn if b and not a)} of {sum(1 for b, _ in bn if b)} models with BN "
+                         "fold all)")
         matches = [r for r in group if "feature_info_match" in r]
         if matches:
             same = [r for r in matches if r["feature_info_match"]]

@@ -9,7 +9,10 @@ The pipeline is a sequence of passes over one intermediate representation, the
 [2, 4, 8, 16, 32]
 """
 
+from .bn_stats import recalibrate_bn
 from .data import ClassAwareSampler, Shapes
+from .deploy import deploy
+from .fold import fold_bn, fold_report
 from .heads import make_head
 from .outputs import HeadOutputs, head_losses, head_outputs
 from .partition import partition
@@ -30,6 +33,9 @@ __all__ = [
     "TraceError",
     "Tracer",
     "default_example_input",
+    "deploy",
+    "fold_bn",
+    "fold_report",
     "head_losses",
     "head_outputs",
     "is_transformed",
@@ -37,6 +43,7 @@ __all__ = [
     "original_state_dict",
     "partition",
     "plan_of",
+    "recalibrate_bn",
     "render",
     "render_graph",
     "trace",

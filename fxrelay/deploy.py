@@ -36,7 +36,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 
-from .fold import fold_bn
+from .fold import fold_bn, has_inner_eval_batchnorm
+from .inline import inline_leaves
 from .trace import trace
 
 __all__ = ["deploy", "strip_noops", "is_noop"]
@@ -83,6 +84,7 @@ def deploy(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor
     0
     """
     gm = _inference_graph(model, example_input)
+    inline_leaves(gm, has_inner_eval_batchnorm)  # reason: no-ops inside them must go before folding
     strip_noops(gm)
     return fold_bn(gm, example_input, inplace=True).eval()
 
@@ -123,8 +125,8 @@ def strip_noops(gm: fx.GraphModule) -> list[str]:
         if is_noop(node, gm):
             source = node.args[0] if node.args else next(iter(node.kwargs.values()))
             node.replace_all_uses_with(source)
-            gm.graph.erase_node(node)
             removed.append(node.name)
+            _erase_unused(gm.graph, node)  # reason: with the `training` attribute it read, if any
         elif _is_random_mask(node):
             removed += _strip_random_mask(gm.graph, node)
     gm.graph.lint()
@@ -154,11 +156,12 @@ def _strip_random_mask(graph: fx.Graph, mask: fx.Node) -> list[str]:
 
 
 def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
-    """Erase ``node`` and, recursively, the computations only it used."""
+    """Erase ``node`` and, recursively, the (non in-place) computations and attributes only it used."""
     inputs = node.all_input_nodes
     graph.erase_node(node)
     for source in inputs:
-        if not source.users and source.op in ("call_method", "call_function") and not _name(source).endswith("_"):
+        if not source.users and source.op in ("call_method", "call_function", "get_attr") \
+                and not _name(source).endswith("_"):
             _erase_unused(graph, source)
 
 

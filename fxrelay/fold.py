@@ -35,7 +35,10 @@ from torch.nn import functional as F
 from .inline import inline_leaves
 from .trace import trace
 
-__all__ = ["fold_bn", "fold_report", "folded_weights", "bn_scale_shift", "count_batchnorms", "is_batchnorm"]
+__all__ = [
+    "fold_bn", "fold_report", "folded_weights", "bn_scale_shift", "count_batchnorms", "is_batchnorm",
+    "has_inner_eval_batchnorm",
+]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PLAIN_FORWARDS = frozenset(t.forward for t in (*_CONVS, nn.Linear))
@@ -88,19 +91,17 @@ def count_batchnorms(module: nn.Module) -> int:
 
 
 def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(scale, shift)`` with ``bn(x) == x * scale + shift`` in eval mode.
-
-    Computed in float64 and returned in the BN's dtype.
+    """Per-channel ``(scale, shift)`` with ``bn(x) == x * scale + shift`` in eval mode, in float64.
 
     >>> bn = nn.BatchNorm1d(2, affine=False).eval()
-    >>> bn_scale_shift(bn)[0]
-    tensor([1.0000, 1.0000])
+    >>> bn_scale_shift(bn)[0].tolist()
+    [0.9999950000374997, 0.9999950000374997]
     """
     mean, var = bn.running_mean.double(), bn.running_var.double()
     weight = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
     bias = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
     scale = weight * torch.rsqrt(var + bn.eps)
-    return scale.to(bn.running_mean.dtype), (bias - mean * scale).to(bn.running_mean.dtype)
+    return scale, bias - mean * scale
 
 
 def folded_weights(
@@ -188,11 +189,12 @@ def _inlined_graph_module(module: nn.Module, example_input, inplace: bool) -> fx
         gm = module if inplace else copy.deepcopy(module)
     else:
         gm = trace(copy.deepcopy(module).eval(), example_input)
-    inline_leaves(gm, _holds_eval_batchnorm)
+    inline_leaves(gm, has_inner_eval_batchnorm)
     return gm
 
 
-def _holds_eval_batchnorm(leaf: nn.Module) -> bool:
+def has_inner_eval_batchnorm(leaf: nn.Module) -> bool:
+    """Whether ``leaf`` is an eval-mode module, not a BN, with BNs inside: one to inline before folding."""
     # reason: a training-mode leaf may branch on self.training; its BNs cannot fold anyway
     return not is_batchnorm(leaf) and not leaf.training and any(map(is_batchnorm, leaf.modules()))
 
@@ -277,13 +279,14 @@ def _meta_rank(node: fx.Node) -> int | None:
 
 def _fold_pair(gm: fx.GraphModule, layer_node: fx.Node, bn_node: fx.Node) -> None:
     layer, bn = gm.get_submodule(layer_node.target), gm.get_submodule(bn_node.target)
+    dtype, requires_grad = layer.weight.dtype, layer.weight.requires_grad
     with torch.no_grad():
-        weight, bias = folded_weights(
-            layer.weight, layer.bias, *bn_scale_shift(bn),
+        weight, bias = folded_weights(  # reason: in float64, rounded once at the end
+            layer.weight.double(), None if layer.bias is None else layer.bias.double(), *bn_scale_shift(bn),
             transposed=getattr(layer, "transposed", False), groups=getattr(layer, "groups", 1),
         )
-    layer.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
-    layer.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=layer.weight.requires_grad)
+    layer.weight = nn.Parameter(weight.to(dtype), requires_grad=requires_grad)
+    layer.bias = nn.Parameter(bias.to(dtype), requires_grad=requires_grad)
     result = layer_node
     for part in ("drop", "act"):  # reason: BatchNormAct2d computes bn, then drop, then act
         if not isinstance(getattr(bn, part, nn.Identity()), nn.Identity):

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import fxrelay  # noqa: E402
+from fxrelay.cli import load_model  # noqa: E402
 from fxrelay.training import fit  # noqa: E402
 
 MODES = ("standard", "deep", "relay", "greedy")
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> dict[str, list[float]]:
     curves = {}
     for mode in MODES:
         torch.manual_seed(args.seed)
-        model = fxrelay.transform(_create(args.model, args.num_classes), mode,
+        model = fxrelay.transform(load_model(args.model, num_classes=args.num_classes), mode,
                                   example_input=torch.randn(1, 3, args.image_size, args.image_size))
         loader = DataLoader(train, batch_size=args.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(args.seed))
@@ -41,16 +42,6 @@ def run(args: argparse.Namespace) -> dict[str, list[float]]:
         print(f"{mode:<9} " + " ".join(f"{a:6.1%}" for a in history.val_accuracy)
               + f"   ({sum(history.seconds):.0f} s)", flush=True)
     return curves
-
-
-def _create(name: str, num_classes: int) -> torch.nn.Module:
-    if name.startswith("tv:"):
-        import torchvision
-
-        return torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes)
-    import timm
-
-    return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
 def save(curves: dict[str, list[float]], out: Path, title: str) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, random_split
 
 import fxrelay
+from fxrelay.cli import load_model
 from fxrelay.training import History, evaluate, fit
 
 
@@ -55,15 +56,8 @@ def loaders(args: argparse.Namespace, train: Dataset, val: Dataset) -> tuple[Dat
 
 def build(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     torch.manual_seed(args.seed)
-    if args.model.startswith("tv:"):
-        import torchvision
-
-        model = torchvision.models.get_model(args.model[3:], weights=None, num_classes=num_classes)
-    else:
-        import timm
-
-        model = timm.create_model(args.model, pretrained=False, num_classes=num_classes)
-    return fxrelay.transform(model.train(), args.mode, window=args.window, head=args.head,
+    model = load_model(args.model, num_classes=num_classes)
+    return fxrelay.transform(model, args.mode, window=args.window, head=args.head,
                              example_input=torch.randn(1, 3, args.image_size, args.image_size))
 
 

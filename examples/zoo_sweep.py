@@ -291,11 +291,12 @@ def summary(rows: list[dict[str, Any]]) -> str:
             lines.append(f"  trace + partition time: median {statistics.median(times):.2f} s, max {max(times):.2f} s")
         deployed = [r for r in group if r.get("deploy_transformed_diff") is not None]
         lines.append(f"  deploy(model) and deploy(transform(model)) match the eager output: {_pct(deployed, group)}")
-        bn = [(int(r["bn_before"]), int(r["bn_after"])) for r in group if r.get("bn_after") is not None]
+        bn = [(int(r["bn_before"]), int(r["bn_after"]), int(r["bn_unfoldable"]))
+              for r in group if r.get("bn_after") is not None]
         if bn:
-            lines.append(f"  BatchNorms before -> after folding: {sum(b for b, _ in bn)} -> {sum(a for _, a in bn)} "
-                         f"({sum(1 for b, a in bn if b and not a)} of {sum(1 for b, _ in bn if b)} models with BN "
-                         "fold all)")
+            lines.append(f"  BatchNorms before -> after folding: {sum(b[0] for b in bn)} -> {sum(b[1] for b in bn)}, "
+                         f"of which reported unfoldable {sum(b[2] for b in bn)}; models with a foldable BN left: "
+                         f"{sum(1 for b in bn if b[1] > b[2])}")
         matches = [r for r in group if "feature_info_match" in r]
         if matches:
             same = [r for r in matches if r["feature_info_match"]]

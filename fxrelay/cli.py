@@ -21,7 +21,7 @@ import argparse
 import difflib
 import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -54,11 +54,11 @@ def known_models() -> list[str]:
     return timm.list_models() + [TORCHVISION_PREFIX + n for n in tvm.list_models(module=tvm)]
 
 
-def load_model(name: str, input_size: int | None = None) -> nn.Module:
+def load_model(name: str, input_size: int | None = None, **kwargs: Any) -> nn.Module:
     """A timm model, or a torchvision one for ``tv:NAME``, with random weights, in eval mode.
 
     A timm model with a fixed input size is built for ``input_size`` when it takes an
-    ``img_size`` argument.
+    ``img_size`` argument. ``kwargs`` (``num_classes=10``) go to the model's constructor.
 
     Raises:
         UsageError: unknown name (the message lists close matches).
@@ -71,7 +71,7 @@ def load_model(name: str, input_size: int | None = None) -> nn.Module:
     import torchvision.models as tvm
 
     if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX):] in tvm.list_models(module=tvm):
-        return tvm.get_model(name[len(TORCHVISION_PREFIX):], weights=None).eval()
+        return tvm.get_model(name[len(TORCHVISION_PREFIX):], weights=None, **kwargs).eval()
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, known_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else " (timm names, or tv:NAME for torchvision)"
@@ -79,10 +79,10 @@ def load_model(name: str, input_size: int | None = None) -> nn.Module:
     default = timm.get_pretrained_cfg_value(name, "input_size") or (3, DEFAULT_INPUT_SIZE, DEFAULT_INPUT_SIZE)
     if input_size is not None and input_size != default[-1]:
         try:
-            return timm.create_model(name, pretrained=False, img_size=input_size).eval()
+            return timm.create_model(name, pretrained=False, img_size=input_size, **kwargs).eval()
         except TypeError:  # reason: models without img_size take any size or only their own
             pass
-    return timm.create_model(name, pretrained=False).eval()
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
 
 
 def example_input(model: nn.Module, input_size: int | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .local import greedy_schedule, train_only
 from .outputs import head_losses, head_outputs
+from .rewrite import plan_of
 
 __all__ = ["History", "fit", "evaluate"]
 
@@ -68,7 +69,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, epochs: 
     """
     history = history or History()
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    schedule = greedy_schedule(len(model.stages), epochs) if local_step else [None] * epochs
+    schedule = greedy_schedule(len(plan_of(model).stages), epochs) if local_step else [None] * epochs
     model.to(device).train()
     for epoch in range(start_epoch, epochs):
         epoch_lr = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))

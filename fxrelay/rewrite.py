@@ -170,15 +170,22 @@ def transform(
     plan = dataclasses.replace(plan, mode=mode, heads=assign_heads(
         len(plan.stages), mode, window=window, heads=heads, skip_first=skip_first, aux_weight=aux_weight,
         kind=head_kind(head)))
-    aux = [h for h in plan.heads if h.kind != "main"]
-    classes = _num_classes(model, plan, num_classes) if aux else 0
-    device, dtype = _placement(model)
-    bodies = [model.get_submodule(name) for name in own] if own else \
-        [make_head(head, plan.stages[h.stage].shape, classes).to(device, dtype) for h in aux]
-    flops = [head_flops(b, plan.stages[h.stage].shape) for b, h in zip(bodies, aux)]
+    bodies = [model.get_submodule(name) for name in own] or _new_heads(model, plan, head, num_classes)
+    flops = [head_flops(b, plan.stages[h.stage].shape) for b, h in zip(bodies, plan.heads)]
     plan = dataclasses.replace(plan, heads=tuple(
         dataclasses.replace(h, flops=flops[h.index]) if h.kind != "main" else h for h in plan.heads))
     return _build(model, plan, [AuxHead(b) for b in bodies])
+
+
+def _new_heads(model: nn.Module, plan: Plan, head: Union[str, HeadFactory], num_classes: int | None) -> list[nn.Module]:
+    """One new head per aux head of ``plan``, on the model's device and dtype."""
+    aux = [h for h in plan.heads if h.kind != "main"]
+    if not aux:
+        return []
+    classes = _num_classes(model, plan, num_classes)
+    p = next(model.parameters(), None)
+    placement = {"device": p.device, "dtype": p.dtype} if p is not None else {}
+    return [make_head(head, plan.stages[h.stage].shape, classes).to(**placement) for h in aux]
 
 
 def model_aux_heads(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, str]:
@@ -235,11 +242,6 @@ def _num_classes(model: nn.Module, plan: Plan, num_classes: int | None) -> int:
         return last[0]
     raise ValueError(f"cannot infer num_classes of {type(model).__name__} (its output has shape {last}); "
                      "pass num_classes=...")
-
-
-def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters(), None)
-    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
 
 def _build(model: nn.Module, plan: Plan, head_modules: list[nn.Module]) -> fx.GraphModule:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import csv
 import dataclasses
 import os
@@ -124,21 +125,38 @@ def _deploy_diff(got: torch.Tensor, expected: torch.Tensor) -> float:
     return diff
 
 
+def _deployed_diff(ctx: Context, make: Callable[[nn.Module, torch.Tensor], nn.Module]) -> tuple[float, str]:
+    """Deployed vs eager difference, and the precision it holds in.
+
+    A random-init model whose activations reach ~1e3 rounds differently in float32
+    whatever the graph (visformer: eager float32 vs float64 differ by 1.2e-4 of the max);
+    such a model is checked again in float64, where folding must be exact.
+    """
+    try:
+        with torch.no_grad():
+            return _deploy_diff(make(ctx.model, ctx.x)(ctx.x), ctx.expected), "float32"
+    except AssertionError:
+        model, x = copy.deepcopy(ctx.model).double(), ctx.x.double()
+        with torch.no_grad():
+            return _deploy_diff(make(model, x)(x), model(x)), "float64"
+
+
 def check_deploy(ctx: Context) -> dict[str, Any]:
     from fxrelay.fold import count_batchnorms, fold_report
 
+    diff, precision = _deployed_diff(ctx, fxrelay.deploy)
     deployed = fxrelay.deploy(ctx.model, ctx.x)
-    with torch.no_grad():
-        diff = _deploy_diff(deployed(ctx.x), ctx.expected)
-    return {"deploy_diff": f"{diff:.2g}", "bn_before": count_batchnorms(ctx.shared["plan"].graph),
-            "bn_after": count_batchnorms(deployed), "bn_unfoldable": len(fold_report(deployed))}
+    return {"deploy_diff": f"{diff:.2g}", "deploy_precision": precision,
+            "bn_before": count_batchnorms(ctx.shared["plan"].graph), "bn_after": count_batchnorms(deployed),
+            "bn_unfoldable": len(fold_report(deployed))}
 
 
 def check_deploy_transformed(ctx: Context) -> dict[str, Any]:
-    transformed = fxrelay.transform(ctx.model, "relay", example_input=ctx.x, num_classes=10)
-    with torch.no_grad():
-        diff = _deploy_diff(fxrelay.deploy(transformed)(ctx.x), ctx.expected)
-    return {"heads": len(fxrelay.plan_of(transformed).heads), "deploy_transformed_diff": f"{diff:.2g}"}
+    def deploy_transformed(model: nn.Module, x: torch.Tensor) -> nn.Module:
+        return fxrelay.deploy(fxrelay.transform(model, "relay", example_input=x, num_classes=10))
+
+    diff, precision = _deployed_diff(ctx, deploy_transformed)
+    return {"deploy_transformed_diff": f"{diff:.2g}", "deploy_transformed_precision": precision}
 
 
 CHECKS: list[Callable[[Context], dict[str, Any]]] = [
@@ -291,6 +309,9 @@ def summary(rows: list[dict[str, Any]]) -> str:
             lines.append(f"  trace + partition time: median {statistics.median(times):.2f} s, max {max(times):.2f} s")
         deployed = [r for r in group if r.get("deploy_transformed_diff") is not None]
         lines.append(f"  deploy(model) and deploy(transform(model)) match the eager output: {_pct(deployed, group)}")
+        wide = [r["name"] for r in deployed if "float64" in (r["deploy_precision"], r["deploy_transformed_precision"])]
+        if wide:
+            lines.append(f"    float32 rounding of the model itself exceeds the tolerance, exact in float64: {', '.join(wide)}")
         bn = [(int(r["bn_before"]), int(r["bn_after"]), int(r["bn_unfoldable"]))
               for r in group if r.get("bn_after") is not None]
         if bn:

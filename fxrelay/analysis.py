@@ -42,7 +42,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
-__all__ = ["NodeInfo", "Analysis", "analyse", "as_inputs", "owned_parameters", "graph_to_dag"]
+__all__ = ["NodeInfo", "Analysis", "analyse", "as_inputs", "owned_parameters", "graph_to_dag",
+           "data_dependent_nodes"]
 
 _SOURCE = "__source__"
 _SHAPE_PRESERVING = (
@@ -145,6 +146,17 @@ def graph_to_dag(graph: fx.Graph) -> nx.DiGraph:
         for src in node.all_input_nodes:
             dag.add_edge(src.name, node.name)
     return dag
+
+
+def data_dependent_nodes(graph: fx.Graph) -> set[str]:
+    """Nodes whose values depend on the input's values, not only on its shape."""
+    data: set[str] = set()
+    for n in graph.nodes:
+        reads_shape = (n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device")) \
+            or (n.op == "call_method" and n.target in ("size", "dim"))
+        if n.op == "placeholder" or (not reads_shape and any(s.name in data for s in n.all_input_nodes)):
+            data.add(n.name)
+    return data
 
 
 def _clean_cuts(graph: fx.Graph, dag: nx.DiGraph) -> frozenset[str]:

@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 
+from .analysis import data_dependent_nodes
 from .inline import inline_leaves
 from .trace import trace
 
@@ -73,7 +74,7 @@ def count_batchnorms(module: nn.Module) -> int:
     """The number of BatchNorms ``module`` computes.
 
     For a GraphModule: its BN calls (BN modules, BNs inside called leaf modules, and
-    ``F.batch_norm``, which is what ``fx.symbolic_trace`` leaves of timm's
+    ``F.batch_norm`` of activations, which is what ``fx.symbolic_trace`` leaves of timm's
     ``BatchNormAct2d``); else its BN submodules.
 
     >>> import torchvision
@@ -82,11 +83,13 @@ def count_batchnorms(module: nn.Module) -> int:
     """
     if not isinstance(module, fx.GraphModule):
         return sum(map(is_batchnorm, module.modules()))
+    data = data_dependent_nodes(module.graph)
     count = 0
     for node in module.graph.nodes:
         if node.op == "call_module":  # reason: a BN module or a leaf with BNs inside
             count += sum(map(is_batchnorm, module.get_submodule(node.target).modules()))
-        count += node.op == "call_function" and node.target in _BN_FUNCTIONS
+        # reason: F.batch_norm of weights alone is weight standardization (NFNet), not a BN layer
+        count += node.op == "call_function" and node.target in _BN_FUNCTIONS and node.args[0].name in data
     return count
 
 

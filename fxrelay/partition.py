@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .analysis import Analysis, analyse, owned_parameters
+from .analysis import Analysis, analyse, data_dependent_nodes, owned_parameters
 from .plan import Plan, Stage
 from .trace import default_example_input, trace
 
@@ -140,7 +140,7 @@ class _Layout:
         constants = _constant_nodes(gm.graph)
         order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and n.name not in constants]
         position = {n.name: i for i, n in enumerate(order)}
-        data = _data_dependent_nodes(gm.graph)
+        data = data_dependent_nodes(gm.graph)
         diffs = [[0] * (len(order) + 2) for _ in range(4)]
         for n in gm.graph.nodes:
             if n.name in constants or n.op == "output" or not n.users:
@@ -305,17 +305,6 @@ def _constant_nodes(graph: fx.Graph) -> set[str]:
         if n.op == "placeholder" or any(s.name in dependent for s in n.all_input_nodes):
             dependent.add(n.name)
     return {n.name for n in graph.nodes if n.name not in dependent and n.op != "output"}
-
-
-def _data_dependent_nodes(graph: fx.Graph) -> set[str]:
-    """Nodes whose values depend on the input's values, not only on its shape."""
-    data: set[str] = set()
-    for n in graph.nodes:
-        reads_shape = (n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device")) \
-            or (n.op == "call_method" and n.target in ("size", "dim"))
-        if n.op == "placeholder" or (not reads_shape and any(s.name in data for s in n.all_input_nodes)):
-            data.add(n.name)
-    return data
 
 
 def _coarsest_path_to_output(graph: fx.Graph, info) -> dict[str, float]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -54,6 +55,7 @@ def save(curves: dict[str, list[float]], out: Path, title: str) -> None:
     for mode, accs in curves.items():
         ax.plot(range(1, len(accs) + 1), [100 * a for a in accs], marker="o", label=mode)
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -117,8 +117,15 @@ def run_inspect(args: argparse.Namespace) -> int:
     except TraceError as e:
         print(f"fxrelay inspect: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # reason: the model itself rejects the input size
+        raise UsageError(_cannot_run(args, e)) from None
     print(plan)
     return 0
+
+
+def _cannot_run(args: argparse.Namespace, e: Exception) -> str:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{args.model} does not run at --input-size {args.input_size}: {reason}"
 
 
 def _configure_render(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +155,8 @@ def run_render(args: argparse.Namespace) -> int:
                       depth=depth)
     except (ValueError, GraphvizNotFound) as e:
         raise UsageError(str(e)) from None
+    except RuntimeError as e:  # reason: the model itself rejects the input size
+        raise UsageError(_cannot_run(args, e)) from None
     print(path)
     return 0
 

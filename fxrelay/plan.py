@@ -134,12 +134,11 @@ class Plan:
         deep = replace(self, heads=tuple(replace(h, window=(0, h.stage)) for h in self.heads))
         return backward_flops(self) / backward_flops(deep)
 
-    def step_flop_ratio(self) -> float:
-        """Theoretical forward+backward FLOPs of a training step relative to ``deep`` mode."""
+    def step_flops(self) -> int:
+        """Theoretical forward + backward FLOPs per sample of a training step."""
         from .scopes import backward_flops
 
-        deep = replace(self, heads=tuple(replace(h, window=(0, h.stage)) for h in self.heads))
-        return (self.forward_flops() + backward_flops(self)) / (self.forward_flops() + backward_flops(deep))
+        return self.forward_flops() + backward_flops(self)
 
     def run_stages(self, *inputs: Any) -> Any:
         """Run the stages one after the other and return the model's output.

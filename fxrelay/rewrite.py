@@ -289,7 +289,7 @@ def _staged_graph(plan: Plan, scopes: tuple[StageScope, ...]) -> fx.Graph:
     main = next((h for h in plan.heads if h.kind == "main"), None)
     channel = main.window[0] if main else None
     result = fx.node.map_arg(plan.output_node.args[0], lambda n: _copy(copies, n.name, channel))
-    if plan.heads:
+    if head_nodes:  # reason: standard mode (no aux heads) returns exactly what the original does
         result = graph.call_function(combine_heads, (result, head_nodes, tuple(h.weight for h in plan.heads)))
     graph.output(result)
     return graph

@@ -3,7 +3,8 @@
 One run, CPU: for each model, the median wall time of a full SGD step (forward, loss,
 backward, optimizer step) of the untouched model and of ``standard``, ``deep``,
 ``relay`` and ``greedy`` transforms of it, next to the plan's theoretical FLOP ratios
-(relay re-runs the backward of its overlap stages once per gradient channel).
+(relay re-runs the backward of its overlap stages once per gradient channel): the
+theoretical ratio is ``plan.step_flops()`` of the mode over that of the deep transform.
 
     python examples/bench/train_step.py                      # resnet50, resnet18, vgg16_bn
     python examples/bench/train_step.py --models resnet18 --reps 3
@@ -24,37 +25,41 @@ import fxrelay
 MODES = ("standard", "deep", "relay", "greedy")
 
 
-def step_time(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int) -> float:
-    """Median seconds of one SGD step, after one warm-up step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    times = []
-    for i in range(reps + 1):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def sgd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Seconds of one SGD step."""
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    return time.perf_counter() - start
 
 
 def bench_model(name: str, batch: int, size: int, reps: int) -> list[str]:
+    """Rows of the table; variants run round-robin, ratios are medians of per-round ratios."""
     torch.manual_seed(0)
     base = timm.create_model(name, num_classes=1000).train()
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
-    untouched = step_time(base, x, y, reps)
-    times, plans = {}, {}
+    variants = {"untouched": base}
+    variants.update({mode: fxrelay.transform(base, mode, example_input=x[:1]) for mode in MODES})
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in variants.items()}
+    times = {k: [] for k in variants}
+    for rep in range(reps + 1):  # reason: the first round warms up
+        for k, model in variants.items():
+            seconds = sgd_step(model, optimizers[k], x, y)
+            if rep:
+                times[k].append(seconds)
+    deep_flops = fxrelay.plan_of(variants["deep"]).step_flops()
+    rows = [f"| {name} | untouched | {statistics.median(times['untouched']):.3f} | | | 1.000 |"]
     for mode in MODES:
-        model = fxrelay.transform(base, mode, example_input=x[:1])
-        plans[mode] = fxrelay.plan_of(model)
-        times[mode] = step_time(model, x, y, reps)
-    rows = [f"| {name} | untouched | {untouched:.3f} | | | {1:.3f} |"]
-    for mode in MODES:
-        plan = plans[mode]
-        rows.append(f"| {name} | {mode} | {times[mode]:.3f} | {times[mode] / times['deep']:.3f} | "
-                    f"{plan.step_flop_ratio():.3f} (bwd {plan.backward_flop_ratio():.3f}) | "
-                    f"{times[mode] / untouched:.3f} |")
+        plan = fxrelay.plan_of(variants[mode])
+        rows.append(f"| {name} | {mode} | {statistics.median(times[mode]):.3f} | "
+                    f"{_ratio(times[mode], times['deep']):.3f} | {plan.step_flops() / deep_flops:.3f} | "
+                    f"{_ratio(times[mode], times['untouched']):.3f} |")
     return rows
+
+
+def _ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def main() -> None:
@@ -66,8 +71,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU, {args.threads} threads, batch {args.batch} x 3x{args.size}x{args.size}, median of {args.reps} steps")
-    print("| model | mode | step s | measured / deep | theoretical / deep (FLOPs) | / untouched |")
+    print(f"CPU, {args.threads} threads, batch {args.batch} x 3x{args.size}x{args.size}, {args.reps} rounds "
+          "(variants round-robin; ratios are medians of per-round ratios)")
+    print("| model | mode | step s | measured / deep | theoretical / deep (step FLOPs) | measured / untouched |")
     print("|---|---|---|---|---|---|")
     for name in args.models.split(","):
         for row in bench_model(name, args.batch, args.size, args.reps):

@@ -41,14 +41,13 @@ import contextlib
 import dataclasses
 import difflib
 import operator
-from typing import Any, Iterator, Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
-from .analysis import as_inputs
 from .heads import AuxHead, HeadFactory, head_flops, head_kind, make_head
 from .outputs import combine_heads
 from .partition import partition

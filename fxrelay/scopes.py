@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from .plan import Head, Plan

@@ -19,29 +19,17 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
 
 import fxrelay
+from timing import median_seconds
 from fxrelay.render import DEFAULT_DEPTH, render
 
 _GOAL_SECONDS, _GOAL_NODES = 5.0, 400
-
-
-def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
-    """Median wall time of ``repeats`` calls of ``fn``."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def svg_node_count(path: Path) -> int:
@@ -57,10 +45,10 @@ def main() -> None:
     model = timm.create_model(args.model, pretrained=False).eval()
     out = Path(tempfile.mkdtemp()) / f"{args.model}_nodes.svg"
 
-    anchor = median_seconds(lambda: fxrelay.partition(model))
+    anchor = median_seconds(lambda: fxrelay.partition(model), 3, warmup=False)
     plan = fxrelay.partition(model)
-    from_plan = median_seconds(lambda: render(plan, out, level="node", depth=args.depth))
-    end_to_end = median_seconds(lambda: render(model, out, level="node", depth=args.depth))
+    from_plan = median_seconds(lambda: render(plan, out, level="node", depth=args.depth), 3, warmup=False)
+    end_to_end = median_seconds(lambda: render(model, out, level="node", depth=args.depth), 3, warmup=False)
     nodes = svg_node_count(out)
 
     print(f"{args.model}, level=node, depth={args.depth}, input {tuple(fxrelay.default_example_input(model).shape)}")

@@ -13,26 +13,13 @@ Example:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable
 
 import timm
 import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import fxrelay
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def main(argv: list[str] | None = None) -> None:

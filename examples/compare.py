@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import fxrelay  # noqa: E402
-from fxrelay.cli import load_model  # noqa: E402
-from fxrelay.training import fit  # noqa: E402
+from fxrelay.apps.cli import load_model  # noqa: E402
+from fxrelay.train.loop import fit  # noqa: E402
 
 MODES = ("standard", "deep", "relay", "greedy")
 

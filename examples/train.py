@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, random_split
 
 import fxrelay
-from fxrelay.cli import load_model
-from fxrelay.training import History, evaluate, fit
+from fxrelay.apps.cli import load_model
+from fxrelay.train.loop import History, evaluate, fit
 
 
 def datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
@@ -57,7 +57,7 @@ def loaders(args: argparse.Namespace, train: Dataset, val: Dataset) -> tuple[Dat
 def build(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     model = load_model(args.model, num_classes=num_classes)
-    return fxrelay.transform(model, args.mode, window=args.window, head=args.head,
+    return fxrelay.transform(model, args.mode, window=args.window, head_kind=args.head,
                              example_input=torch.randn(1, 3, args.image_size, args.image_size))
 
 

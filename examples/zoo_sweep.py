@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 import fxrelay
-from fxrelay.cli import example_input, load_model
+from fxrelay.apps.cli import example_input, load_model
 
 MAX_SIZE = 224
 TOLERANCE = 1e-4
@@ -101,7 +101,7 @@ def check_partition(ctx: Context) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     ctx.shared["plan"] = plan
     with torch.no_grad():
-        diff = max_abs_diff(plan.run_stages(ctx.x), ctx.expected)
+        diff = max_abs_diff(fxrelay.run_stages(plan, ctx.x), ctx.expected)
     return {"partition_s": round(seconds, 3), "boundaries": plan.boundaries, "stages": len(plan.stages),
             "reductions": " ".join(str(s.reduction) for s in plan.stages),
             "max_cut": max(len(s.inputs) for s in plan.stages), "run_stages_diff": f"{diff:.2g}"}
@@ -142,12 +142,12 @@ def _deployed_diff(ctx: Context, make: Callable[[nn.Module, torch.Tensor], nn.Mo
 
 
 def check_deploy(ctx: Context) -> dict[str, Any]:
-    from fxrelay.fold import count_batchnorms, fold_report
+    from fxrelay.deployment.fold import count_batchnorms, fold_report
 
     diff, precision = _deployed_diff(ctx, fxrelay.deploy)
     deployed = fxrelay.deploy(ctx.model, ctx.x)
     return {"deploy_diff": f"{diff:.2g}", "deploy_precision": precision,
-            "bn_before": count_batchnorms(ctx.shared["plan"].graph), "bn_after": count_batchnorms(deployed),
+            "bn_before": count_batchnorms(ctx.shared["plan"].graph_module), "bn_after": count_batchnorms(deployed),
             "bn_unfoldable": len(fold_report(deployed))}
 
 

@@ -2,6 +2,11 @@
 
 The pipeline is a sequence of passes over one intermediate representation, the
 :class:`Plan`: trace -> analyse -> partition -> transform (train) -> deploy / render.
+The package is layered (see docs/architecture.md): ``core`` (the IR and the runtime the
+emitted graphs call) <- ``passes`` <- ``deployment``, ``diagrams`` <- ``train`` <- ``apps``.
+
+Names are imported on first use, so ``import fxrelay`` (and ``fxrelay --help``) does
+not pay for torch, timm and torchvision until a name needs them.
 
 >>> import fxrelay, torchvision
 >>> plan = fxrelay.partition(torchvision.models.resnet18())
@@ -9,45 +14,47 @@ The pipeline is a sequence of passes over one intermediate representation, the
 [2, 4, 8, 16, 32]
 """
 
-from .bn_stats import recalibrate_bn
-from .data import ClassAwareSampler, Shapes
-from .deploy import deploy
-from .fold import fold_bn, fold_report
-from .heads import make_head
-from .outputs import HeadOutputs, head_losses, head_outputs
-from .partition import partition
-from .plan import Head, Plan, Stage
-from .render import GraphvizNotFound, render, render_graph
-from .rewrite import MODES, is_transformed, original_state_dict, plan_of, transform
-from .trace import TraceError, Tracer, default_example_input, trace
+from __future__ import annotations
 
-__all__ = [
-    "MODES",
-    "ClassAwareSampler",
-    "GraphvizNotFound",
-    "Head",
-    "HeadOutputs",
-    "Plan",
-    "Shapes",
-    "Stage",
-    "TraceError",
-    "Tracer",
-    "default_example_input",
-    "deploy",
-    "fold_bn",
-    "fold_report",
-    "head_losses",
-    "head_outputs",
-    "is_transformed",
-    "make_head",
-    "original_state_dict",
-    "partition",
-    "plan_of",
-    "recalibrate_bn",
-    "render",
-    "render_graph",
-    "trace",
-    "transform",
-]
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "fxrelay.core.ir": ("Head", "Stage", "TracingConfig"),
+    "fxrelay.core.plan": ("Plan",),
+    "fxrelay.core.outputs": ("HeadOutputs", "head_losses", "head_outputs", "combine_heads"),
+    "fxrelay.core.scopes": ("detach", "overlap"),
+    "fxrelay.passes.tracing": ("TraceError", "Tracer", "default_example_input", "register_autowrap",
+                               "register_leaf", "trace"),
+    "fxrelay.passes.partition": ("partition",),
+    "fxrelay.passes.split": ("run_stages", "split_stages"),
+    "fxrelay.passes.heads": ("MODES", "make_head"),
+    "fxrelay.passes.rewrite": ("head_parameters", "is_transformed", "original_state_dict", "plan_of",
+                               "transform"),
+    "fxrelay.deployment.deploy": ("deploy",),
+    "fxrelay.deployment.fold": ("fold_bn", "fold_report"),
+    "fxrelay.deployment.bn_stats": ("recalibrate_bn",),
+    "fxrelay.diagrams.render": ("GraphvizNotFound", "render", "render_graph"),
+    "fxrelay.data": ("ClassAwareSampler", "Shapes"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBMODULES = {"data": "fxrelay.data", "models": "fxrelay.models"}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(_SUBMODULES[name])
+    else:
+        raise AttributeError(f"module 'fxrelay' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULE_OF, *_SUBMODULES])

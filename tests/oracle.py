@@ -24,7 +24,7 @@ def _run(plan, stages, env, indices, grad: bool):
 def oracle_grads(model, x, y):
     """Reference parameter gradients of sum_j w_j L_j, computed loss by loss."""
     plan = fxrelay.plan_of(model)
-    stages = [getattr(model.stages, str(i)) for i in range(len(plan.stages))]
+    stages = [model.stages[i] for i in range(len(plan.stages))]
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     for j, head in enumerate(plan.heads):
@@ -33,7 +33,7 @@ def oracle_grads(model, x, y):
         _run(plan, stages, env, range(lo), grad=False)
         _run(plan, stages, env, range(lo, a + 1), grad=True)
         features = env[plan.stages[a].outputs[-1]]
-        logits = features if head.kind == "main" else getattr(model.heads, str(j)).body(features)
+        logits = features if head.is_main else model.heads[j].body(features)
         grads = torch.autograd.grad(head.weight * F.cross_entropy(logits, y), params, allow_unused=True)
         total = [t + g if g is not None else t for t, g in zip(total, grads)]
     return total

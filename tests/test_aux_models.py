@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 
 import fxrelay
-from fxrelay.deploy import deploy
+from fxrelay.deployment.deploy import deploy
 
 AUX_MODELS = {"googlenet": (224, ["aux1", "aux2"]), "inception_v3": (299, ["AuxLogits"])}
 
@@ -23,7 +23,7 @@ def test_aux_logit_models_train_and_deploy(name, heads):
     size, own = AUX_MODELS[name]
     model = _aux_model(name)
     x, y = torch.randn(2, 3, size, size), torch.tensor([1, 7])
-    transformed = fxrelay.transform(model, heads=heads, example_input=x[:1])
+    transformed = fxrelay.transform(model, head_stages=heads, example_input=x[:1])
     plan = fxrelay.plan_of(transformed)
     if heads == "model":
         assert [h.kind for h in plan.heads] == ["model"] * len(own) + ["main"]
@@ -44,7 +44,7 @@ def test_aux_logit_models_train_and_deploy(name, heads):
 
 def test_heads_model_needs_aux_classifiers():
     with pytest.raises(ValueError, match="no aux classifiers"):
-        fxrelay.transform(torchvision.models.resnet18(), heads="model", example_input=torch.randn(1, 3, 64, 64))
+        fxrelay.transform(torchvision.models.resnet18(), head_stages="model", example_input=torch.randn(1, 3, 64, 64))
 
 
 def test_dropout_and_drop_path_follow_the_mode():

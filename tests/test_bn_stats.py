@@ -9,7 +9,7 @@ import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from fxrelay.bn_stats import recalibrate_bn
+from fxrelay.deployment.bn_stats import recalibrate_bn
 
 BATCH, BATCHES = 4, 6
 

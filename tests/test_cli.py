@@ -2,14 +2,14 @@
 
 import pytest
 
-from fxrelay.cli import COMMANDS, build_parser, main
+from fxrelay.apps.cli import COMMANDS, build_parser, main
 
 
 def test_inspect_prints_the_plan_of_a_torchvision_model(capsys):
     assert main(["inspect", "tv:resnet18", "--input-size", "64"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "Plan of ResNet: 5 stages (boundaries=pool, mode=standard), 11.69M params, 0.297 GFLOPs/sample"
-    assert [line.split()[1] for line in lines[2:]] == ["2", "4", "8", "16", "32"]
+    assert [line.split()[2] for line in lines[2:]] == ["2", "4", "8", "16", "32"]
 
 
 def test_inspect_a_timm_model_with_blocks_and_num_stages(capsys):
@@ -22,7 +22,7 @@ def test_inspect_a_timm_model_with_blocks_and_num_stages(capsys):
 def test_inspect_a_fixed_size_timm_model_at_another_size(capsys):
     assert main(["inspect", "test_vit", "--input-size", "64"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert "boundaries=blocks" in out[0] and {line.split()[1] for line in out[2:]} == {"16"}
+    assert "boundaries=blocks" in out[0] and {line.split()[2] for line in out[2:]} == {"16"}
 
 
 @pytest.mark.parametrize("name, suggestion", [("resnet5", "resnet50"), ("tv:resnet5", "tv:resnet50")])

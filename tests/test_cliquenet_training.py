@@ -6,8 +6,8 @@ import torch
 
 import fxrelay
 import fxrelay.models  # noqa: F401  (registers cliquenet_* with timm)
-from fxrelay.deploy import deploy
-from fxrelay.fold import count_batchnorms
+from fxrelay.deployment.deploy import deploy
+from fxrelay.deployment.fold import count_batchnorms
 from oracle import assert_close, one_line_grads, oracle_grads
 
 
@@ -20,7 +20,7 @@ def _cliquenet():
 def test_cliquenet_gradients_match_oracle(mode):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     y = torch.tensor([3, 5])
-    model = fxrelay.transform(_cliquenet().double(), mode, heads=[0, 1], example_input=x)
+    model = fxrelay.transform(_cliquenet().double(), mode, head_stages=[0, 1], example_input=x)
     plan = fxrelay.plan_of(model)
     assert len(plan.stages) == 3 and len(plan.stages[-1].inputs) >= 2
     assert_close(one_line_grads(model, x, y), oracle_grads(model, x, y))
@@ -34,4 +34,4 @@ def test_cliquenet_deploys_exactly():
     deployed = deploy(transformed)
     want = model.eval()(x)
     assert (deployed(x) - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
-    assert count_batchnorms(deployed) < count_batchnorms(fxrelay.plan_of(transformed).graph)
+    assert count_batchnorms(deployed) < count_batchnorms(fxrelay.plan_of(transformed).graph_module)

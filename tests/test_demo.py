@@ -1,7 +1,7 @@
 """The demo pipeline on a tiny budget: both modes train, the deployed model matches the trained one."""
 
-from fxrelay.cli import main
-from fxrelay.demo import run_demo
+from fxrelay.apps.cli import main
+from fxrelay.apps.demo import run_demo
 
 
 def test_demo_trains_renders_deploys(tmp_path):

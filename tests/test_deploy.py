@@ -16,8 +16,8 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fxrelay
-from fxrelay.deploy import deploy, is_noop
-from fxrelay.fold import count_batchnorms, fold_report
+from fxrelay.deployment.deploy import deploy, is_noop
+from fxrelay.deployment.fold import count_batchnorms, fold_report
 
 ZOO = {  # name: (factory, input size, BNs that stay: those not fed by a conv/linear)
     "resnet18": (lambda: torchvision.models.resnet18(), 64, 0),

@@ -11,7 +11,7 @@ from timm.layers import BatchNormAct2d, Conv2dSame, DropPath, StdConv2dSame, fre
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from fxrelay.fold import bn_scale_shift, count_batchnorms, fold_bn, fold_report, folded_weights
+from fxrelay.deployment.fold import bn_scale_shift, count_batchnorms, fold_bn, fold_report, folded_weights
 
 
 def randomize_batchnorms(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -96,7 +96,9 @@ def test_linear_bn1d_on_3d_input_stays():
     x = torch.randn(2, 6, 6)
     folded = fold_bn(model, example_input=x)
     _assert_same_function(model, folded, x)
-    assert fold_report(folded, example_input=x) == [("_1", "Linear output is not known to be 2-D (pass example_input)")]
+    # reason: issue 10 bug 8, the reason named example_input although it was passed
+    assert fold_report(folded, example_input=x) == [
+        ("_1", "Linear output is 3-D: the BatchNorm normalizes dim 1, not the Linear's features")]
 
 
 class _Shift(nn.Module):

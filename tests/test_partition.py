@@ -18,13 +18,13 @@ SMALL = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 def _exact(plan: fxrelay.Plan, model: nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         expected = model.eval()(x)
-        torch.testing.assert_close(plan.graph(x), expected, rtol=0, atol=0)
-        torch.testing.assert_close(plan.run_stages(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(plan.graph_module(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(fxrelay.run_stages(plan, x), expected, rtol=0, atol=0)
 
 
 def _module_output(plan: fxrelay.Plan, module: str) -> str:
     """The last graph node computed inside ``module`` (its output)."""
-    inside = [n.name for n in plan.graph.graph.nodes
+    inside = [n.name for n in plan.graph_module.graph.nodes
               if any(path == module for path, _ in n.meta.get("nn_module_stack", {}).values())]
     return inside[-1]
 
@@ -35,9 +35,9 @@ def test_vgg19_bn_has_a_stage_per_conv_block_and_the_classifier():
     plan = fxrelay.partition(model, example_input=SMALL)
     assert [s.reduction for s in plan.stages] == [1, 2, 4, 8, 16, 32]
     # reason: each max-pool opens the next stage, as timm's feature_info ends each block at the ReLU before it
-    pools = [n.target for n in plan.graph.graph.nodes if n.op == "call_module"
+    pools = [n.target for n in plan.graph_module.graph.nodes if n.op == "call_module"
              and isinstance(model.get_submodule(n.target), nn.MaxPool2d)]
-    assert [plan.graph.graph.find_nodes(op="call_module", target=p)[0].name for p in pools] == \
+    assert [plan.graph_module.graph.find_nodes(op="call_module", target=p)[0].name for p in pools] == \
         [s.nodes[0] for s in plan.stages[1:]]
     timm_ends = [f["module"].replace(".", "_") for f in timm.create_model("vgg19_bn").feature_info][:5]
     assert [s.outputs[-1] for s in plan.stages[:5]] == timm_ends == \
@@ -181,7 +181,7 @@ def test_untraceable_submodules_become_leaves():
     model = WithUntraceableSubmodules()
     plan = fxrelay.partition(model, example_input=SMALL)
     assert plan.leaves == ("gate", "width")
-    assert [n.target for n in plan.graph.graph.nodes if n.op == "call_module"] == \
+    assert [n.target for n in plan.graph_module.graph.nodes if n.op == "call_module"] == \
         ["conv1", "gate", "conv2", "width", "fc"]
     assert [s.reduction for s in plan.stages] == [2, 4]
     assert "traced as leaves (untraceable code): gate, width" in str(plan)
@@ -212,8 +212,9 @@ def test_plan_prints_a_table_of_stages():
     plan = fxrelay.partition(torchvision.models.resnet18(), example_input=SMALL)
     lines = str(plan).splitlines()
     assert lines[0] == "Plan of ResNet: 5 stages (boundaries=pool, mode=standard), 11.69M params, 0.297 GFLOPs/sample"
-    assert lines[1].split() == ["stage", "red", "shape", "params", "GFLOPs", "share", "nodes", "in", "->", "out"]
-    assert lines[2].split() == ["0", "2", "64x32x32", "9.54K", "0.0193", "6.5%", "3", "x", "->", "relu"]
+    assert lines[1].split() == ["stage", "name", "red", "shape", "params", "GFLOPs", "share", "nodes", "saved", "MB",
+                                "in", "->", "out"]
+    assert lines[2].split() == ["0", "stem", "2", "64x32x32", "9.54K", "0.0193", "6.5%", "3", "0.55", "x", "->", "relu"]
     assert len(lines) == 7
     assert repr(plan) == "Plan(ResNet, stages=5, heads=0, mode='standard', boundaries='pool')"
 

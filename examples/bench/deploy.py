@@ -31,8 +31,8 @@ import torchvision
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from fxrelay.deploy import deploy
-from fxrelay.fold import count_batchnorms
+from fxrelay.deployment.deploy import deploy
+from fxrelay.deployment.fold import count_batchnorms
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "tv_resnet50": lambda: torchvision.models.resnet50(),

@@ -27,7 +27,7 @@ import torch
 
 import fxrelay
 from timing import median_seconds
-from fxrelay.render import DEFAULT_DEPTH, render
+from fxrelay.diagrams.render import DEFAULT_DEPTH, render
 
 _GOAL_SECONDS, _GOAL_NODES = 5.0, 400
 

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from torch import nn
 
-from .rewrite import plan_of
+from ..passes.rewrite import plan_of
 
 __all__ = ["greedy_schedule", "train_only"]
 
@@ -40,18 +40,17 @@ def train_only(model: nn.Module, stage: int) -> Iterator[list[nn.Parameter]]:
     parameter's ``requires_grad`` and every module's train/eval flag on exit.
     """
     plan = plan_of(model)
-    aux = [h for h in plan.heads if h.kind != "main"]
-    active = [getattr(model.stages, str(stage))]
-    active += [getattr(model.heads, str(k)) for k, h in enumerate(aux) if h.stage == stage]
+    active = [model.stages[stage]]
+    active += [model.heads[k] for k, h in enumerate(plan.aux_heads) if h.stage == stage]
     flags = {p: p.requires_grad for p in model.parameters()}
     modes = {m: m.training for m in model.modules()}
     trainable = {id(p) for m in active for p in m.parameters()}
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable and flags[p])
-        for i in range(len(plan.stages)):
+        for i, module in enumerate(model.stages):
             if i != stage:
-                getattr(model.stages, str(i)).eval()
+                module.eval()
         yield [p for m in active for p in m.parameters() if p.requires_grad]
     finally:
         for p, flag in flags.items():

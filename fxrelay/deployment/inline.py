@@ -24,12 +24,14 @@ from typing import Callable
 import torch.fx as fx
 from torch import nn
 
-from .trace import TraceError, trace
+from ..core.ir import TracingConfig
+from ..passes.tracing import TraceError, trace
 
-__all__ = ["inline_leaves"]
+__all__ = ["inline_leaves", "tidy"]
 
 
-def inline_leaves(gm: fx.GraphModule, select: Callable[[nn.Module], bool]) -> list[str]:
+def inline_leaves(gm: fx.GraphModule, select: Callable[[nn.Module], bool], *,
+                  tracing: TracingConfig | None = None) -> list[str]:
     """Inline, in place, every leaf call of ``gm`` whose module ``select`` accepts.
 
     Leaves that appear in inlined code are considered too. Returns the names of the
@@ -38,22 +40,28 @@ def inline_leaves(gm: fx.GraphModule, select: Callable[[nn.Module], bool]) -> li
     Args:
         gm: a traced GraphModule, modified in place.
         select: which leaf modules to inline (it is not asked about torch.nn layers).
+        tracing: the tracing configuration to trace the leaves with.
     """
     inlined, tried = [], set()
     pending = [n for n in gm.graph.nodes if _is_candidate(n, gm, select, tried)]
     while pending:
         node = pending.pop(0)
         tried.add(node.target)
-        new_nodes = _inline_call(gm, node)
+        new_nodes = _inline_call(gm, node, tracing)
         if new_nodes is None:
             continue
         inlined.append(node.name)
         pending = [n for n in new_nodes if _is_candidate(n, gm, select, tried)] + pending
     if inlined:
-        gm.graph.lint()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
+        tidy(gm)
     return inlined
+
+
+def tidy(gm: fx.GraphModule) -> None:
+    """The end of every in-place graph rewrite: check the graph, drop unused submodules, recompile."""
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
 
 
 def _is_candidate(node: fx.Node, gm: fx.GraphModule, select: Callable, tried: set) -> bool:
@@ -66,10 +74,10 @@ def _is_candidate(node: fx.Node, gm: fx.GraphModule, select: Callable, tried: se
     return select(module)
 
 
-def _inline_call(gm: fx.GraphModule, call: fx.Node) -> list[fx.Node] | None:
+def _inline_call(gm: fx.GraphModule, call: fx.Node, tracing: TracingConfig | None) -> list[fx.Node] | None:
     """Replace ``call`` by the nodes of its module's trace; None when it cannot be."""
     try:
-        sub = trace(gm.get_submodule(call.target), tuple(call.args))
+        sub = trace(gm.get_submodule(call.target), tuple(call.args), tracing=tracing)
     except TraceError:
         return None
     output = next(n for n in sub.graph.nodes if n.op == "output").args[0]

@@ -20,12 +20,12 @@ import timm
 import torch
 from torch.utils.data import DataLoader
 
-from .data import Shapes
-from .deploy import deploy
-from .fold import count_batchnorms
-from .render import GraphvizNotFound, render
-from .rewrite import plan_of, transform
-from .training import evaluate, fit
+from ..deployment.deploy import deploy
+from ..deployment.fold import count_batchnorms
+from ..diagrams.render import GraphvizNotFound, render
+from ..passes.rewrite import plan_of, transform
+from ..data import Shapes
+from ..train.loop import evaluate, fit
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -76,7 +76,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, model_name: str = "resnet10t",
         trained = model
     result.files += _render(trained, out)
     deployed = deploy(trained)
-    result.batchnorms = (count_batchnorms(plan_of(trained).graph), count_batchnorms(deployed))
+    result.batchnorms = (count_batchnorms(plan_of(trained).graph_module), count_batchnorms(deployed))
     result.deployed_accuracy = evaluate(deployed, val_loader)
     result.deployed_max_diff = _max_diff(trained.eval(), deployed, val_loader)
     path = out / "deployed_relay.pt"

@@ -12,13 +12,12 @@ or not the model has pooling ops. The result, per node:
 * ``reduction``: measured spatial downsampling factor of the output vs the input
   (``None`` for non-spatial tensors such as logits or pooled vectors);
 * ``level``: the resolution level the node computes at (measured, else inherited);
-
-plus the graph as a networkx ``DiGraph`` and its *clean cuts*: nodes that every
-input-to-output path passes through (the dominators of the output).
+* ``bytes`` of its output and, with ``memory=True``, ``saved_bytes``: what a training
+  step saves for backward in it (one more meta pass, in train mode, with autograd on).
 
 Example:
     >>> import torchvision, fxrelay
-    >>> from fxrelay.analysis import analyse
+    >>> from fxrelay.passes.analysis import analyse
     >>> gm = fxrelay.trace(torchvision.models.resnet18())
     >>> a = analyse(gm, fxrelay.default_example_input(gm))
     >>> a.info["layer2_0_conv1"].reduction, a.info["fc"].level
@@ -31,24 +30,23 @@ import contextlib
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable
 
-import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.utils.stateless import _reparametrize_module
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.func import functional_call
 from torch.utils.flop_counter import flop_registry
 
-__all__ = ["NodeInfo", "Analysis", "analyse", "as_inputs", "owned_parameters", "graph_to_dag",
-           "data_dependent_nodes"]
+from ..core._compat import BatchNormBase, DropoutBase, TorchDispatchMode, tree_flatten, tree_map
+from ..core.modules import training_mode
+from .tracing import ExampleInput, as_inputs
 
-_SOURCE = "__source__"
+__all__ = ["NodeInfo", "Analysis", "analyse", "owned_parameters", "data_dependent_nodes", "saved_bytes_per_sample"]
+
 _SHAPE_PRESERVING = (
-    nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
-    nn.Identity, nn.modules.dropout._DropoutNd, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish,
+    BatchNormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+    nn.Identity, DropoutBase, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish,
     nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.PReLU, nn.Mish, nn.Softplus,
 )
 _FLOP_FREE_FUNCTIONS = frozenset({
@@ -74,6 +72,10 @@ class NodeInfo:
             ``None`` when the output has no spatial dimensions.
         level: resolution level the node works at: ``reduction``, else the highest
             level among its inputs (1 at the input).
+        bytes: bytes of the node's tensor outputs at the analysis batch size.
+        saved_bytes: bytes the node saves for backward in a training step at the analysis
+            batch size (activations only, each storage counted once; 0 unless
+            ``analyse(..., memory=True)``).
     """
 
     shape: tuple[int, ...] | None
@@ -82,6 +84,8 @@ class NodeInfo:
     params: int
     reduction: int | None
     level: int
+    bytes: int = 0
+    saved_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,33 +94,25 @@ class Analysis:
 
     Attributes:
         info: :class:`NodeInfo` per node name (also stored in ``node.meta["fxrelay"]``).
-        dag: the graph as a ``networkx.DiGraph`` over node names.
-        clean_cuts: names of nodes that every input-to-output path passes through.
         batch: batch size the shapes were propagated at.
         exact_levels: True when levels came from the two-size comparison, False when
             the model only runs at one size and the layout was inferred from one shape.
     """
 
     info: dict[str, NodeInfo]
-    dag: nx.DiGraph
-    clean_cuts: frozenset[str]
     batch: int
     exact_levels: bool
 
 
-def as_inputs(example_input: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Normalise one tensor or a sequence of tensors to a tuple."""
-    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-
-
-def analyse(gm: fx.GraphModule, example_input: torch.Tensor | Sequence[torch.Tensor]) -> Analysis:
-    """Shapes, FLOPs, params, resolution levels, DAG and clean cuts of ``gm``.
+def analyse(gm: fx.GraphModule, example_input: ExampleInput, *, memory: bool = False) -> Analysis:
+    """Shapes, FLOPs, params, resolution levels and (with ``memory``) saved bytes of ``gm``.
 
     Args:
         gm: a traced GraphModule (see :func:`fxrelay.trace`).
         example_input: an input of the size the model is used at; only shapes and
             dtypes are read, nothing runs on real data unless the model cannot run on
             meta tensors.
+        memory: also measure what a training step saves for backward, per node.
 
     Returns:
         An :class:`Analysis`; every node also gets ``node.meta["fxrelay"]``.
@@ -131,21 +127,11 @@ def analyse(gm: fx.GraphModule, example_input: torch.Tensor | Sequence[torch.Ten
         except Exception:  # noqa: BLE001  (reason: fixed-size models such as ViT)
             second = None
     size = _image_input(inputs)
-    info = _node_info(gm, first, second, size, batch)
+    saved = _saved_bytes(gm, inputs, batch) if memory else {}
+    info = _node_info(gm, first, second, size, batch, saved)
     for node in gm.graph.nodes:
         node.meta["fxrelay"] = info[node.name]
-    dag = graph_to_dag(gm.graph)
-    return Analysis(info, dag, _clean_cuts(gm.graph, dag), batch, second is not None)
-
-
-def graph_to_dag(graph: fx.Graph) -> nx.DiGraph:
-    """The fx graph as a networkx DiGraph over node names (edges producer -> user)."""
-    dag = nx.DiGraph()
-    for node in graph.nodes:
-        dag.add_node(node.name, op=node.op)
-        for src in node.all_input_nodes:
-            dag.add_edge(src.name, node.name)
-    return dag
+    return Analysis(info, batch, second is not None)
 
 
 def data_dependent_nodes(graph: fx.Graph) -> set[str]:
@@ -157,19 +143,6 @@ def data_dependent_nodes(graph: fx.Graph) -> set[str]:
         if n.op == "placeholder" or (not reads_shape and any(s.name in data for s in n.all_input_nodes)):
             data.add(n.name)
     return data
-
-
-def _clean_cuts(graph: fx.Graph, dag: nx.DiGraph) -> frozenset[str]:
-    g = dag.copy()
-    placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
-    g.add_edges_from((_SOURCE, p) for p in placeholders)
-    output = next(n.name for n in reversed(graph.nodes) if n.op == "output")
-    idom = nx.immediate_dominators(g, _SOURCE)
-    cuts, node = set(), idom.get(output)
-    while node is not None and node != _SOURCE:
-        cuts.add(node)
-        node = idom[node] if idom[node] != node else None
-    return frozenset(cuts - set(placeholders))
 
 
 def _image_input(inputs: tuple[torch.Tensor, ...]) -> tuple[int, int] | None:
@@ -303,9 +276,91 @@ def _run(gm: fx.GraphModule, inputs: tuple, meta: bool, device: str | None, coun
         state = {k: v.clone() for k, v in gm.named_buffers()}
     prop = _MetaPropagator(gm, count_flops, meta)
     default_device = torch.device(device) if device else contextlib.nullcontext()
-    with _reparametrize_module(gm, state), torch.no_grad(), default_device:
-        prop.run(*inputs)
+    with torch.no_grad(), default_device:
+        _run_with_state(gm, state, prop.run, inputs)
     return prop
+
+
+class _Runner(nn.Module):
+    """Calls ``run`` on a graph module it holds, so that ``functional_call`` can swap the module's state."""
+
+    def __init__(self, gm: fx.GraphModule, run: Callable):
+        super().__init__()
+        self.gm, self.run = gm, run
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.run(*inputs)
+
+
+def _run_with_state(gm: fx.GraphModule, state: dict[str, torch.Tensor], run: Callable, inputs: tuple) -> Any:
+    """``run(*inputs)`` with ``gm``'s parameters and buffers replaced by ``state``."""
+    return functional_call(_Runner(gm, run), {f"gm.{k}": v for k, v in state.items()}, inputs)
+
+
+class _SavedBytes:
+    """Bytes of the distinct storages saved for backward while its hooks are on, by ``key``."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor]):
+        self.seen = {t.untyped_storage() for t in exclude}  # reason: weights are not activations
+        self.bytes: dict[str, int] = {}
+        self.key = ""
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage not in self.seen:
+            self.seen.add(storage)
+            self.bytes[self.key] = self.bytes.get(self.key, 0) + storage.nbytes()
+        return tensor
+
+    def hooks(self) -> Any:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
+class _PerNode(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, counter: _SavedBytes):
+        super().__init__(gm)
+        self.counter = counter
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.counter.key = n.name
+        return super().run_node(n)
+
+
+def _meta_training_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    params = {k: torch.empty_like(v, device="meta").requires_grad_(v.is_floating_point())
+              for k, v in module.named_parameters()}
+    return params, {**params, **{k: torch.empty_like(v, device="meta") for k, v in module.named_buffers()}}
+
+
+def _saved_bytes(gm: fx.GraphModule, inputs: tuple, batch: int) -> dict[str, int]:
+    """Per node, the bytes a train-mode step saves for backward there (meta tensors; {} if the model
+    cannot run on them)."""
+    params, state = _meta_training_state(gm)
+    counter = _SavedBytes(params.values())
+    try:
+        with training_mode(gm, True), torch.enable_grad(), counter.hooks():
+            _run_with_state(gm, state, _PerNode(gm, counter).run, _resized(inputs, batch, 1, "meta"))
+    except Exception:  # noqa: BLE001  (reason: models that need values or real devices get no estimate)
+        return {}
+    return counter.bytes
+
+
+def saved_bytes_per_sample(module: nn.Module, sample_shape: tuple[int, ...]) -> int:
+    """Bytes per sample that ``module`` saves for backward in train mode (meta tensors; 0 if it
+    cannot run on them).
+
+    >>> saved_bytes_per_sample(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), (4,))  # x, relu(.)
+    48
+    """
+    params, state = _meta_training_state(module)
+    counter = _SavedBytes(params.values())
+    x = torch.empty(2, *sample_shape, device="meta")
+    try:
+        with training_mode(module, True), torch.enable_grad(), counter.hooks():
+            functional_call(module, state, (x,))
+    except Exception:  # noqa: BLE001  (reason: see _saved_bytes)
+        return 0
+    return sum(counter.bytes.values()) // 2
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -327,10 +382,11 @@ def owned_parameters(node: fx.Node, root: nn.Module) -> list[nn.Parameter]:
     return []
 
 
-def _node_info(gm, first, second, size, batch) -> dict[str, NodeInfo]:
+def _node_info(gm, first, second, size, batch, saved) -> dict[str, NodeInfo]:
     info: dict[str, NodeInfo] = {}
     for n in gm.graph.nodes:
-        t1 = _first_tensor(first.values.get(n.name))
+        value = first.values.get(n.name)
+        t1 = _first_tensor(value)
         t2 = _first_tensor(second.values.get(n.name)) if second is not None else None
         reduction = None
         if size is not None and t1 is not None:
@@ -344,6 +400,8 @@ def _node_info(gm, first, second, size, batch) -> dict[str, NodeInfo]:
             params=sum(p.numel() for p in owned_parameters(n, gm)),
             reduction=reduction,
             level=reduction if reduction is not None else inherited,
+            bytes=sum(t.numel() * t.element_size() for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)),
+            saved_bytes=saved.get(n.name, 0),
         )
     return info
 

@@ -9,7 +9,7 @@ fix (an unknown model name, an impossible ``--num-stages``) are one line on stde
 exit code 2, without a traceback.
 
 Example:
-    >>> from fxrelay.cli import main
+    >>> from fxrelay.apps.cli import main
     >>> main(["inspect", "tv:resnet18", "--input-size", "64"])  # doctest: +ELLIPSIS
     Plan of ResNet: 5 stages (boundaries=pool, mode=standard), 11.69M params, ...
     0
@@ -87,7 +87,7 @@ def load_model(name: str, input_size: int | None = None, **kwargs: Any) -> nn.Mo
 
 def example_input(model: nn.Module, input_size: int | None = None) -> torch.Tensor:
     """A seeded random batch of one: ``input_size`` px square, else the model's default size."""
-    from .trace import default_example_input
+    from ..passes.tracing import default_example_input
 
     if input_size is None:
         return default_example_input(model)
@@ -96,7 +96,7 @@ def example_input(model: nn.Module, input_size: int | None = None) -> torch.Tens
 
 
 def _configure_inspect(parser: argparse.ArgumentParser) -> None:
-    from .partition import BOUNDARIES
+    from ..passes.partition import BOUNDARIES
 
     parser.add_argument("model", help="timm model name, or tv:NAME for torchvision (e.g. tv:resnet18)")
     parser.add_argument("--boundaries", choices=BOUNDARIES, default="auto", help="how stages are found")
@@ -106,8 +106,8 @@ def _configure_inspect(parser: argparse.ArgumentParser) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Print the plan table of ``args.model``."""
-    from .partition import partition
-    from .trace import TraceError
+    from ..passes.partition import partition
+    from ..passes.tracing import TraceError
 
     model = load_model(args.model, args.input_size)
     try:
@@ -129,8 +129,8 @@ def _cannot_run(args: argparse.Namespace, e: Exception) -> str:
 
 
 def _configure_render(parser: argparse.ArgumentParser) -> None:
-    from .render import LEVELS
-    from .rewrite import MODES
+    from ..diagrams.render import LEVELS
+    from ..passes.heads import MODES
 
     _configure_inspect(parser)
     parser.add_argument("--mode", choices=MODES, default="relay", help="training mode whose heads are drawn")
@@ -142,8 +142,8 @@ def _configure_render(parser: argparse.ArgumentParser) -> None:
 
 def run_render(args: argparse.Namespace) -> int:
     """Draw the partition and heads of ``args.model`` in ``args.mode``."""
-    from .render import GraphvizNotFound, render
-    from .rewrite import transform
+    from ..diagrams.render import GraphvizNotFound, render
+    from ..passes.rewrite import transform
 
     model = load_model(args.model, args.input_size)
     x = example_input(model, args.input_size)

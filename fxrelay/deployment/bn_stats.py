@@ -34,6 +34,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core._compat import BatchNormBase
+from ..core.modules import training_mode
+
 __all__ = ["recalibrate_bn"]
 
 
@@ -57,7 +60,7 @@ def recalibrate_bn(
     >>> recalibrate_bn(model, batches, progress=False)[1].num_batches_tracked
     tensor(3)
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in model.modules() if isinstance(m, BatchNormBase) and m.track_running_stats]
     if not norms:
         return model
     device = next(model.parameters(), torch.empty(0)).device
@@ -73,31 +76,28 @@ def recalibrate_bn(
 
 
 @contextmanager
-def _cumulative_average(model: nn.Module, norms: list[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+def _cumulative_average(model: nn.Module, norms: list[BatchNormBase]) -> Iterator[None]:
     """BNs in training mode with reset statistics and ``momentum=None``, the rest in eval.
 
     Modes and momenta are restored on exit, the previous statistics only on an error.
     """
-    modes = {m: m.training for m in model.modules()}
     momenta = [bn.momentum for bn in norms]
     saved = [{k: v.clone() for k, v in bn.named_buffers(recurse=False)} for bn in norms]
-    model.eval()
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.training = True  # reason: not bn.train(), which would also switch BatchNormAct2d's drop on
-    try:
-        yield
-    except BaseException:
-        for bn, buffers in zip(norms, saved):
-            for name, value in buffers.items():
-                getattr(bn, name).copy_(value)
-        raise
-    finally:
-        for bn, momentum in zip(norms, momenta):
-            bn.momentum = momentum
-        for module, training in modes.items():
-            module.training = training
+    with training_mode(model, False):
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.training = True  # reason: not bn.train(), which would also switch BatchNormAct2d's drop on
+        try:
+            yield
+        except BaseException:
+            for bn, buffers in zip(norms, saved):
+                for name, value in buffers.items():
+                    getattr(bn, name).copy_(value)
+            raise
+        finally:
+            for bn, momentum in zip(norms, momenta):
+                bn.momentum = momentum
 
 
 def _input_of(batch: Any) -> torch.Tensor:

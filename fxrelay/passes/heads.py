@@ -21,30 +21,23 @@ Example:
 
 from __future__ import annotations
 
-import difflib
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["HEADS", "HeadFactory", "make_head", "head_kind", "head_flops", "AuxHead"]
+from ..core.ir import MAIN, Head
+from ..core.modules import training_mode
+from .tracing import did_you_mean
+
+__all__ = ["HEADS", "MODES", "HeadFactory", "make_head", "kind_name", "head_flops", "describe_head",
+           "assign_heads", "check_mode"]
 
 HeadFactory = Callable[[tuple, int], nn.Module]
 HEADS = ("auto", "linear", "layercnn", "dgl")
+MODES = ("relay", "greedy", "deep", "standard")
 _AUTO_WIDTH = 256
-
-
-class AuxHead(nn.Module):
-    """An aux head that runs only in training mode (returns ``None`` in eval)."""
-
-    def __init__(self, body: nn.Module):
-        super().__init__()
-        self.body = body
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor | None:
-        return self.body(features) if self.training else None
-
 
 class _ChannelsLast(nn.Module):
     """NHWC to NCHW (timm Swin-style stage outputs)."""
@@ -58,7 +51,7 @@ class _TokenMean(nn.Module):
         return x.mean(dim=1)
 
 
-def head_kind(head: Union[str, HeadFactory]) -> str:
+def kind_name(head: Union[str, HeadFactory]) -> str:
     """The name a head spec is listed under in ``plan.heads``."""
     return head if isinstance(head, str) else getattr(head, "__name__", type(head).__name__)
 
@@ -73,9 +66,8 @@ def make_head(head: Union[str, HeadFactory], feature_shape: tuple, num_classes: 
     if callable(head):
         return head(tuple(feature_shape), num_classes)
     if head not in HEADS:
-        close = difflib.get_close_matches(str(head), HEADS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"head must be one of {', '.join(HEADS)} or a callable, got {head!r}{hint}")
+        raise ValueError(f"head_kind must be one of {', '.join(HEADS)} or a callable, got {head!r}"
+                         f"{did_you_mean(head, HEADS)}")
     shape = tuple(feature_shape)
     if len(shape) == 1:
         return nn.Linear(shape[0], num_classes)
@@ -91,11 +83,75 @@ def head_flops(head: nn.Module, feature_shape: tuple) -> int:
     p = next(head.parameters(), None)
     sample = torch.zeros(1, *feature_shape, device=p.device if p is not None else None,
                          dtype=p.dtype if p is not None else None)
-    training = head.training
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        head.eval()(sample)
-    head.train(training)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), training_mode(head, False):
+        head(sample)
     return counter.get_total_flops()
+
+
+_SHORT_NAMES = {nn.BatchNorm2d: "BN", nn.LayerNorm: "LN", nn.ReLU: "ReLU", nn.Linear: "linear",
+                nn.AdaptiveAvgPool2d: "pool", nn.Flatten: None, _TokenMean: "mean", _ChannelsLast: None}
+
+
+def describe_head(head: nn.Module) -> str:
+    """What a head computes, layer by layer: ``"conv1x1-BN-ReLU-pool-linear"``.
+
+    >>> describe_head(make_head("auto", (64, 8, 8), 10))
+    'conv1x1-BN-ReLU-pool-linear'
+    """
+    parts = []
+    for m in head.modules():
+        if any(True for _ in m.children()):
+            continue
+        if isinstance(m, nn.Conv2d):
+            parts.append(f"conv{m.kernel_size[0]}x{m.kernel_size[1]}")
+        elif type(m) in _SHORT_NAMES:
+            parts.append(_SHORT_NAMES[type(m)])
+        else:
+            parts.append(type(m).__name__.lstrip("_"))
+    return "-".join(p for p in parts if p)
+
+
+def check_mode(mode: str) -> None:
+    """Raise a ``ValueError`` with a hint unless ``mode`` is one of :data:`MODES`."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}{did_you_mean(mode, MODES)}")
+
+
+def assign_heads(num_stages: int, mode: str, *, window: int = 2, head_stages: Union[str, Sequence[int]] = "auto",
+                 skip_first: int = 2, aux_weight: float = 0.3, kind: str = "auto") -> tuple[Head, ...]:
+    """Place the heads and their windows: the pure heart of :func:`fxrelay.transform`.
+
+    Example:
+        >>> [h.window for h in assign_heads(5, "relay", window=2)]
+        [(0, 2), (2, 3), (3, 4)]
+        >>> [h.window for h in assign_heads(5, "greedy")]
+        [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4)]
+    """
+    check_mode(mode)
+    stages = _aux_stages(num_stages, mode, head_stages, skip_first)
+    lows = []
+    for rank, a in enumerate(stages + [num_stages - 1]):
+        lo = {"relay": max(0, a - window + 1), "greedy": a, "deep": 0, "standard": 0}[mode]
+        lows.append(0 if mode == "relay" and rank == 0 else lo)
+    return tuple(
+        Head(index=j, stage=a, window=(lo, a), weight=1.0 if j == len(stages) else aux_weight,
+             kind=MAIN if j == len(stages) else kind)
+        for j, (a, lo) in enumerate(zip(stages + [num_stages - 1], lows))
+    )
+
+
+def _aux_stages(num_stages: int, mode: str, head_stages: Union[str, Sequence[int]], skip_first: int) -> list[int]:
+    if mode == "standard":
+        return []
+    if isinstance(head_stages, str):
+        first = 0 if mode == "greedy" else skip_first
+        return list(range(first, num_stages - 1))
+    chosen = sorted(set(head_stages))
+    bad = [h for h in chosen if not 0 <= h < num_stages - 1]
+    if bad:
+        raise ValueError(f"head stages must be in 0..{num_stages - 2} (the last stage, {num_stages - 1}, "
+                         f"has the model's own classifier), got {bad}")
+    return chosen
 
 
 def _to_nchw(shape: tuple) -> tuple[list[nn.Module], int]:

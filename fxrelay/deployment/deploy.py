@@ -1,7 +1,7 @@
 """Deploy: one plain inference GraphModule, without heads, scopes, no-ops or foldable BNs.
 
 :func:`deploy` starts from the model's traced original graph: for a model made by
-:func:`fxrelay.transform` that is ``plan_of(model).graph`` (the stages inlined, no
+:func:`fxrelay.transform` that is ``plan_of(model).graph_module`` (the stages inlined, no
 heads, no relay scopes), for any other model a trace of an eval-mode copy. It then
 
 * strips the calls that are the identity at inference (:func:`is_noop`): ``nn.Identity``,
@@ -16,7 +16,7 @@ The model itself is never modified, not even its train/eval flag.
 
 Example:
     >>> import torch, torchvision
-    >>> from fxrelay.deploy import deploy
+    >>> from fxrelay.deployment.deploy import deploy
     >>> model = torchvision.models.resnet18()
     >>> deployed = deploy(model)
     >>> [n.name for n in deployed.graph.nodes][:4]
@@ -29,73 +29,54 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Sequence
 
-import torch
 import torch.fx as fx
+from timm.layers import DropBlock2d, DropPath
 from torch import nn
-from torch.nn import functional as F
+from torchvision.ops import StochasticDepth, stochastic_depth
 
+from ..core._compat import DropoutBase
+from ..core.ir import TracingConfig
+from ..passes.rewrite import is_transformed, plan_of
+from ..passes.tracing import DROPOUT_FUNCTIONS, ExampleInput, check_module, trace
 from .fold import fold_bn, has_inner_eval_batchnorm
-from .inline import inline_leaves
-from .trace import trace
+from .inline import inline_leaves, tidy
 
 __all__ = ["deploy", "strip_noops", "is_noop"]
 
-_NOOP_FUNCTIONS = frozenset({
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-    torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout,
-})
+_NOOP_MODULES = (nn.Identity, DropoutBase, StochasticDepth, DropPath, DropBlock2d)  # reason: identity in eval
+_NOOP_FUNCTIONS = DROPOUT_FUNCTIONS | {stochastic_depth}
 
 
-def _noop_module_types() -> tuple[type, ...]:
-    """Module types whose eval-mode forward returns their input."""
-    from torchvision.ops import StochasticDepth
-
-    types = (nn.Identity, nn.modules.dropout._DropoutNd, StochasticDepth)
-    try:
-        from timm.layers import DropBlock2d, DropPath
-    except ImportError:  # reason: timm is optional
-        return types
-    return (*types, DropPath, DropBlock2d)
-
-
-def _noop_functions() -> frozenset:
-    from torchvision.ops import stochastic_depth
-
-    return _NOOP_FUNCTIONS | {stochastic_depth}
-
-
-def deploy(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor] | None = None) -> fx.GraphModule:
+def deploy(model: nn.Module, example_input: ExampleInput | None = None, *,
+           tracing: TracingConfig | None = None) -> fx.GraphModule:
     """The inference GraphModule of ``model``: original graph, no-ops stripped, BN folded.
 
     Args:
         model: a model made by :func:`fxrelay.transform`, or any traceable ``nn.Module``.
         example_input: only needed for models whose arity is not one tensor, or to
             fold a Linear into a BatchNorm1d when the graph carries no shapes.
+        tracing: the tracing configuration for a model not made by :func:`fxrelay.transform`
+            (a transformed model re-uses the one it was made with).
 
     Returns:
         A GraphModule in eval mode equal to ``model`` in eval mode; BNs that could not
         be folded are listed by :func:`fxrelay.fold_report` on it.
 
     >>> import torchvision
-    >>> from fxrelay.fold import count_batchnorms
+    >>> from fxrelay.deployment.fold import count_batchnorms
     >>> count_batchnorms(deploy(torchvision.models.mobilenet_v3_small()))
     0
     """
-    gm = _inference_graph(model, example_input)
-    inline_leaves(gm, has_inner_eval_batchnorm)  # reason: no-ops inside them must go before folding
-    strip_noops(gm)
-    return fold_bn(gm, example_input, inplace=True).eval()
-
-
-def _inference_graph(model: nn.Module, example_input) -> fx.GraphModule:
-    """An eval-mode GraphModule of the original model with its own copy of the parameters."""
-    from .rewrite import is_transformed, plan_of  # reason: looked up at call time, rewrite imports much
-
+    check_module(model, "deploy")
     if is_transformed(model):
-        return copy.deepcopy(plan_of(model).graph).eval()
-    return trace(copy.deepcopy(model).eval(), example_input)
+        tracing = plan_of(model).tracing
+        gm = copy.deepcopy(plan_of(model).graph_module).eval()
+    else:
+        gm = trace(copy.deepcopy(model).eval(), example_input, tracing=tracing)
+    inline_leaves(gm, has_inner_eval_batchnorm, tracing=tracing)  # reason: no-ops inside them go before folding
+    strip_noops(gm)
+    return fold_bn(gm, example_input, inplace=True, tracing=tracing).eval()
 
 
 def is_noop(node: fx.Node, root: nn.Module) -> bool:
@@ -109,8 +90,8 @@ def is_noop(node: fx.Node, root: nn.Module) -> bool:
     [False, True, False, False]
     """
     if node.op == "call_module":
-        return isinstance(root.get_submodule(node.target), _noop_module_types())
-    return node.op == "call_function" and node.target in _noop_functions()
+        return isinstance(root.get_submodule(node.target), _NOOP_MODULES)
+    return node.op == "call_function" and node.target in _NOOP_FUNCTIONS
 
 
 def strip_noops(gm: fx.GraphModule) -> list[str]:
@@ -127,31 +108,37 @@ def strip_noops(gm: fx.GraphModule) -> list[str]:
             node.replace_all_uses_with(source)
             removed.append(node.name)
             _erase_unused(gm.graph, node)  # reason: with the `training` attribute it read, if any
-        elif _is_random_mask(node):
-            removed += _strip_random_mask(gm.graph, node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
+        elif (chain := _random_mask(node)) is not None:
+            removed += _strip_random_mask(gm.graph, chain)
+    tidy(gm)
     return removed
 
 
-def _is_random_mask(node: fx.Node) -> bool:
-    """``bernoulli_``/``bernoulli`` whose users are products with it, or in-place scalings of it."""
+def _random_mask(node: fx.Node) -> list[fx.Node] | None:
+    """A ``bernoulli_``/``bernoulli`` mask and its in-place scalings, if all their other users are products."""
     if not (node.op in ("call_method", "call_function") and _name(node) in ("bernoulli", "bernoulli_")):
-        return False
-    return bool(node.users) and all(_is_product(u) or (_name(u).endswith("_") and not u.users) for u in node.users)
+        return None
+    chain = [node]
+    for member in chain:  # reason: grows while scanning, the trace reads the mask after each in-place scaling
+        for user in member.users:
+            if _is_product(user):
+                continue
+            if not (user.args and user.args[0] is member and _name(user).endswith("_")):
+                return None
+            chain.append(user)
+    return chain if any(_is_product(u) for m in chain for u in m.users) else None
 
 
-def _strip_random_mask(graph: fx.Graph, mask: fx.Node) -> list[str]:
+def _strip_random_mask(graph: fx.Graph, chain: list[fx.Node]) -> list[str]:
     """Replace every ``x * mask`` by ``x`` (a drop-path at inference), then erase the mask's code."""
-    products = [u for u in mask.users if _is_product(u)]
+    products = [u for m in chain for u in m.users if _is_product(u)]
     for product in products:
-        other = product.args[1] if product.args[0] is mask else product.args[0]
+        other = product.args[1] if product.args[0] in chain else product.args[0]
         product.replace_all_uses_with(other)
         graph.erase_node(product)
-    for scaling in list(mask.users):
+    for scaling in reversed(chain[1:]):
         graph.erase_node(scaling)
-    _erase_unused(graph, mask)
+    _erase_unused(graph, chain[0])
     return [p.name for p in products]
 
 

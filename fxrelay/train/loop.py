@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.outputs import head_losses, head_outputs
+from ..passes.rewrite import plan_of
 from .local import greedy_schedule, train_only
-from .outputs import head_losses, head_outputs
-from .rewrite import plan_of
 
 __all__ = ["History", "fit", "evaluate"]
 

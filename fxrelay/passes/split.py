@@ -1,4 +1,4 @@
-"""Build one GraphModule per stage of a Plan.
+"""Build one GraphModule per stage of a Plan, and run them one after the other.
 
 Each stage module takes the stage's input cut values as positional arguments (in
 ``stage.inputs`` order) and returns its output cut values (one value, or a tuple in
@@ -8,33 +8,36 @@ so they are shared with the user's model too.
 Example:
     >>> import torchvision, fxrelay
     >>> plan = fxrelay.partition(torchvision.models.vgg11())
-    >>> stage = plan.stage_modules()[1]
+    >>> stage = split_stages(plan)[1]
     >>> print(stage.code.strip().splitlines()[0])
     def forward(self, features_1):
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.fx as fx
-from torch import nn
 
-from .plan import Plan, Stage
-from .trace import Tracer
+from ..core.ir import Stage
+from ..core.plan import Plan
+from .tracing import Tracer, mutates_input
 
-__all__ = ["split_stages", "stage_module", "mutates_input"]
+__all__ = ["split_stages", "stage_module", "run_stages"]
 
 
 def split_stages(plan: Plan) -> list[fx.GraphModule]:
     """The GraphModule of every stage of ``plan``, in order."""
-    nodes = {n.name: n for n in plan.graph.graph.nodes}
-    return [stage_module(plan.graph, stage, nodes) for stage in plan.stages]
+    nodes = {n.name: n for n in plan.graph_module.graph.nodes}
+    return [stage_module(plan.graph_module, stage, nodes) for stage in plan.stages]
 
 
 def stage_module(gm: fx.GraphModule, stage: Stage, nodes: dict[str, fx.Node]) -> fx.GraphModule:
     """The GraphModule computing ``stage`` of ``gm`` from its input cut values.
 
     An input that the stage modifies in place is cloned first, so that the stage never
-    writes into a tensor another stage or a head also reads.
+    writes into a tensor a head also reads (later stages read the modified value: the
+    trace makes every read after an in-place op read that op's result).
     """
     graph = fx.Graph(tracer_cls=Tracer)
     env: dict[str, fx.Node] = {}
@@ -60,11 +63,13 @@ def _copy_with_constants(graph: fx.Graph, node: fx.Node, env: dict[str, fx.Node]
     env[node.name] = graph.node_copy(node, lambda n: env[n.name])
 
 
-def mutates_input(node: fx.Node, root: nn.Module) -> bool:
-    """Whether ``node`` writes into its first argument (``relu_``, ``inplace=True``, ...)."""
-    if node.op == "call_module":
-        return getattr(root.get_submodule(node.target), "inplace", False) is True
-    if node.kwargs.get("inplace") is True:
-        return True
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return isinstance(name, str) and name.endswith("_") and not name.startswith("_")
+def run_stages(plan: Plan, *inputs: Any) -> Any:
+    """Run the stages of ``plan`` one after the other and return the model's output.
+
+    Equal to ``plan.graph_module(*inputs)``: the proof that the partition is complete.
+    """
+    env = dict(zip(plan.input_names, inputs))
+    for stage, module in zip(plan.stages, split_stages(plan)):
+        result = module(*(env[name] for name in stage.inputs))
+        env.update(zip(stage.outputs, result if len(stage.outputs) > 1 else (result,)))
+    return fx.node.map_arg(plan.output_node.args[0], lambda n: env[n.name])

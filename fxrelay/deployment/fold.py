@@ -15,7 +15,7 @@ whose conv output has other users, or whose conv module is called more than once
 
 Example:
     >>> import torchvision
-    >>> from fxrelay.fold import count_batchnorms, fold_bn
+    >>> from fxrelay.deployment.fold import count_batchnorms, fold_bn
     >>> model = torchvision.models.resnet18().eval()
     >>> count_batchnorms(model), count_batchnorms(fold_bn(model))
     (20, 0)
@@ -25,16 +25,21 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 
-from .analysis import data_dependent_nodes
-from .inline import inline_leaves
-from .trace import trace
+from timm.layers import Conv2dSame
+from timm.layers.norm_act import FrozenBatchNormAct2d
+from torchvision.ops import FrozenBatchNorm2d
+
+from ..core._compat import BatchNormBase
+from ..core.ir import TracingConfig
+from ..passes.analysis import analyse, data_dependent_nodes
+from ..passes.tracing import ExampleInput, default_example_input, trace
+from .inline import inline_leaves, tidy
 
 __all__ = [
     "fold_bn", "fold_report", "folded_weights", "bn_scale_shift", "count_batchnorms", "is_batchnorm",
@@ -46,28 +51,13 @@ _PLAIN_FORWARDS = frozenset(t.forward for t in (*_CONVS, nn.Linear))
 _BN_FUNCTIONS = frozenset({F.batch_norm, torch.batch_norm})
 
 
-def _frozen_batchnorm_types() -> tuple[type, ...]:
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    try:
-        from timm.layers.norm_act import FrozenBatchNormAct2d
-    except ImportError:  # reason: timm is optional
-        return (FrozenBatchNorm2d,)
-    return (FrozenBatchNorm2d, FrozenBatchNormAct2d)
-
-
-def _weight_linear_subclasses() -> tuple[type, ...]:
-    """Conv subclasses whose custom forward is still linear in ``weight`` and ``bias``."""
-    try:
-        from timm.layers import Conv2dSame
-    except ImportError:
-        return ()
-    return (Conv2dSame,)
+_FROZEN_BATCHNORMS = (FrozenBatchNorm2d, FrozenBatchNormAct2d)
+_WEIGHT_LINEAR_SUBCLASSES = (Conv2dSame,)  # reason: custom forwards that stay linear in weight and bias
 
 
 def is_batchnorm(module: nn.Module) -> bool:
     """Whether ``module`` is a BatchNorm: ``_BatchNorm`` subclasses and the frozen variants."""
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, *_frozen_batchnorm_types()))
+    return isinstance(module, (BatchNormBase, *_FROZEN_BATCHNORMS))
 
 
 def count_batchnorms(module: nn.Module) -> int:
@@ -141,9 +131,10 @@ def folded_weights(
 
 def fold_bn(
     module: nn.Module,
-    example_input: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    example_input: ExampleInput | None = None,
     *,
     inplace: bool = False,
+    tracing: TracingConfig | None = None,
 ) -> fx.GraphModule:
     """Fold every foldable BatchNorm of ``module`` into the layer before it.
 
@@ -152,6 +143,7 @@ def fold_bn(
         example_input: only used for models whose arity is not one tensor, and to learn
             the rank of Linear outputs feeding a BatchNorm1d (2-D: foldable).
         inplace: fold into ``module`` itself (a GraphModule) instead of a copy.
+        tracing: the tracing configuration (see :class:`fxrelay.TracingConfig`).
 
     Returns:
         A GraphModule computing the same function; BNs that stay are listed by
@@ -163,36 +155,34 @@ def fold_bn(
     >>> count_batchnorms(gm), gm.get_submodule("features.0").bias.shape
     (0, torch.Size([64]))
     """
-    gm = _inlined_graph_module(module, example_input, inplace)
+    gm = _inlined_graph_module(module, example_input, inplace, tracing)
     pairs, _ = _fold_plan(gm, example_input)
     for conv_node, bn_node in pairs:
         _fold_pair(gm, conv_node, bn_node)
     _strip_folded_norms(gm, {bn.target for _, bn in pairs})
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
+    tidy(gm)
     return gm
 
 
-def fold_report(
-    module: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor] | None = None
-) -> list[tuple[str, str]]:
+def fold_report(module: nn.Module, example_input: ExampleInput | None = None, *,
+                tracing: TracingConfig | None = None) -> list[tuple[str, str]]:
     """``(node name, reason)`` for every BatchNorm :func:`fold_bn` would leave in ``module``.
 
     >>> import torchvision
     >>> fold_report(torchvision.models.densenet121())[:1]
     [('features_denseblock1_denselayer1_norm1', 'input is not a conv/linear')]
     """
-    return _fold_plan(_inlined_graph_module(module, example_input, False), example_input)[1]
+    return _fold_plan(_inlined_graph_module(module, example_input, False, tracing), example_input)[1]
 
 
-def _inlined_graph_module(module: nn.Module, example_input, inplace: bool) -> fx.GraphModule:
+def _inlined_graph_module(module: nn.Module, example_input, inplace: bool,
+                          tracing: TracingConfig | None) -> fx.GraphModule:
     """``module`` as a GraphModule of its own, with the leaves that hold eval-mode BNs inlined."""
     if isinstance(module, fx.GraphModule):
         gm = module if inplace else copy.deepcopy(module)
     else:
-        gm = trace(copy.deepcopy(module).eval(), example_input)
-    inline_leaves(gm, has_inner_eval_batchnorm)
+        gm = trace(copy.deepcopy(module).eval(), example_input, tracing=tracing)
+    inline_leaves(gm, has_inner_eval_batchnorm, tracing=tracing)
     return gm
 
 
@@ -223,7 +213,7 @@ def _fold_plan(gm: fx.GraphModule, example_input) -> tuple[list[tuple[fx.Node, f
 
 def _reason_not_foldable(gm: fx.GraphModule, bn_node: fx.Node, calls: Counter, ranks: "_LazyRanks") -> str | None:
     bn = gm.get_submodule(bn_node.target)
-    if getattr(bn, "training", False) and isinstance(bn, nn.modules.batchnorm._BatchNorm):
+    if getattr(bn, "training", False) and isinstance(bn, BatchNormBase):
         return "BN in training mode"
     if bn.running_mean is None:
         return "BN has no running statistics (track_running_stats=False)"
@@ -233,7 +223,7 @@ def _reason_not_foldable(gm: fx.GraphModule, bn_node: fx.Node, calls: Counter, r
     layer = gm.get_submodule(source.target)
     if not isinstance(layer, (*_CONVS, nn.Linear)):
         return "input is not a conv/linear"
-    if type(layer).forward not in _PLAIN_FORWARDS and not isinstance(layer, _weight_linear_subclasses()):
+    if type(layer).forward not in _PLAIN_FORWARDS and not isinstance(layer, _WEIGHT_LINEAR_SUBCLASSES):
         return "conv/linear subclass with a custom forward"
     if len(source.users) > 1:
         return "conv output has other users"
@@ -241,9 +231,13 @@ def _reason_not_foldable(gm: fx.GraphModule, bn_node: fx.Node, calls: Counter, r
         return "conv module called more than once"
     if getattr(layer, "out_channels", getattr(layer, "out_features", None)) != bn.running_mean.numel():
         return "BN channels differ from the conv/linear output channels"
-    if isinstance(layer, nn.Linear) and ranks.get(source) != 2:
+    if isinstance(layer, nn.Linear):
         # reason: BatchNorm1d on (B, C, L) normalizes dim 1, not the Linear's features
-        return "Linear output is not known to be 2-D (pass example_input)"
+        rank = ranks.get(source)
+        if rank is None:
+            return "Linear output is not known to be 2-D (pass example_input)"
+        if rank != 2:
+            return f"Linear output is {rank}-D: the BatchNorm normalizes dim 1, not the Linear's features"
     return None
 
 
@@ -262,9 +256,6 @@ class _LazyRanks:
         return rank
 
     def _propagate(self) -> None:
-        from .analysis import analyse
-        from .trace import default_example_input
-
         example = self.example_input if self.example_input is not None else default_example_input(self.gm)
         try:
             analyse(self.gm, example)

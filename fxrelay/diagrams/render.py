@@ -18,7 +18,7 @@ Both levels draw every stage as a ``cluster_stage_<i>`` subgraph and end with a 
 
 Example:
     >>> import torchvision, fxrelay
-    >>> from fxrelay.render import render_graph
+    >>> from fxrelay.diagrams.render import render_graph
     >>> plan = fxrelay.partition(torchvision.models.resnet18())
     >>> graph = render_graph(plan, level="stage")
     >>> sum(line.strip().startswith("subgraph cluster_stage_") for line in graph.source.splitlines())
@@ -29,15 +29,17 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Sequence
 
 import graphviz
-import torch
 import torch.fx as fx
 from torch import nn
 
-from .partition import partition
-from .plan import Head, Plan, Stage, _si
+from ..core.channels import stopping_losses
+from ..core.ir import Head, Stage, TracingConfig
+from ..core.plan import Plan, si
+from ..passes.partition import partition
+from ..passes.rewrite import is_transformed, plan_of
+from ..passes.tracing import ExampleInput, check_module, module_path
 
 __all__ = ["render", "render_graph", "as_plan", "GraphvizNotFound", "LEVELS", "DEFAULT_DEPTH"]
 
@@ -63,7 +65,8 @@ def render(
     level: str = "stage",
     depth: int | None = DEFAULT_DEPTH,
     *,
-    example_input: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    example_input: ExampleInput | None = None,
+    tracing: TracingConfig | None = None,
 ) -> Path:
     """Draw a Plan, or the plan of a model, to an ``.svg``, ``.png``, ``.pdf`` or ``.dot`` file.
 
@@ -75,7 +78,7 @@ def render(
         level: ``"stage"`` (one box per stage) or ``"node"`` (the fx nodes of each stage).
         depth: for ``level="node"``, modules nested deeper than this are drawn as one
             box; ``None`` draws every fx node.
-        example_input: passed to :func:`fxrelay.partition` for plain models.
+        example_input, tracing: passed to :func:`fxrelay.partition` for plain models.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -86,14 +89,14 @@ def render(
 
     Example:
         >>> import torchvision
-        >>> from fxrelay.render import render
+        >>> from fxrelay.diagrams.render import render
         >>> render(torchvision.models.resnet18(), "/tmp/resnet18.dot").suffix
         '.dot'
     """
     path = Path(path)
     if path.suffix.lower() not in _FORMATS:
         raise ValueError(f"cannot tell the format of {str(path)!r}: use one of {', '.join(_FORMATS)}")
-    graph = render_graph(as_plan(model_or_plan, example_input), level, depth)
+    graph = render_graph(as_plan(model_or_plan, example_input, tracing=tracing), level, depth)
     fmt = _FORMATS[path.suffix.lower()]
     if fmt is None:
         path.write_text(graph.source, encoding="utf-8")
@@ -109,8 +112,8 @@ def render(
     return path
 
 
-def as_plan(model_or_plan: Plan | nn.Module,
-            example_input: torch.Tensor | Sequence[torch.Tensor] | None = None) -> Plan:
+def as_plan(model_or_plan: Plan | nn.Module, example_input: ExampleInput | None = None, *,
+            tracing: TracingConfig | None = None) -> Plan:
     """The Plan to draw: the Plan itself, a transformed model's plan, or a fresh partition.
 
     Example:
@@ -120,15 +123,10 @@ def as_plan(model_or_plan: Plan | nn.Module,
     """
     if isinstance(model_or_plan, Plan):
         return model_or_plan
-    if not isinstance(model_or_plan, nn.Module):
-        raise TypeError(f"fxrelay.render expects a Plan or an nn.Module, got {type(model_or_plan).__name__}")
-    try:
-        from .rewrite import is_transformed, plan_of
-    except ImportError:  # reason: without the rewrite pass every model is a plain one
-        return partition(model_or_plan, example_input=example_input)
+    check_module(model_or_plan, "render")
     if is_transformed(model_or_plan):
         return plan_of(model_or_plan)
-    return partition(model_or_plan, example_input=example_input)
+    return partition(model_or_plan, example_input=example_input, tracing=tracing)
 
 
 def render_graph(plan: Plan, level: str = "stage", depth: int | None = DEFAULT_DEPTH) -> graphviz.Digraph:
@@ -157,36 +155,29 @@ def render_graph(plan: Plan, level: str = "stage", depth: int | None = DEFAULT_D
         raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
     if depth is not None and depth < 1:
         raise ValueError(f"depth must be None or at least 1 (level='stage' draws one box per stage), got {depth}")
-    stage_of = _stage_of(plan)
-    box_of = _stage_boxes(plan, stage_of) if level == "stage" else _node_boxes(plan, stage_of, depth)
+    stage_of = plan.stage_of()
+    nodes = {n.name: n for n in plan.graph_module.graph.nodes}
+    box_of = _stage_boxes(stage_of) if level == "stage" else _node_boxes(plan, stage_of, depth)
     graph = graphviz.Digraph(plan.model_name, graph_attr=_GRAPH_ATTR, node_attr=_NODE_ATTR, edge_attr=_EDGE_ATTR)
     for name in plan.input_names:
-        graph.node(f"input_{name}", f"input {name}\n{_shape_text(plan, name)}", shape="oval", style="solid")
+        graph.node(f"input_{name}", f"input {name}\n{_shape_text(nodes[name])}", shape="oval", style="solid")
     for stage in plan.stages:
         with graph.subgraph(name=f"cluster_stage_{stage.index}") as cluster:
             if level == "stage":
                 _draw_stage_row(cluster, plan, stage, box_of)
             else:
-                _draw_stage_nodes(cluster, plan, stage, box_of)
+                _draw_stage_nodes(cluster, plan, stage, box_of, nodes)
     if level == "stage":
         _draw_windows(graph, plan)
     graph.node("output", "output", shape="oval", style="solid")
-    for tail, head, tensor, stops in _edges(plan, stage_of, box_of, labelled=level == "stage"):
+    for tail, head, tensor, stops in _edges(plan, nodes, stage_of, box_of, labelled=level == "stage"):
         _draw_edge(graph, tail, head, tensor, stops)
     graph.node("legend", _legend(plan), shape="plain", style="solid")
     graph.edge("output", "legend", style="invis")
     return graph
 
 
-def _stage_of(plan: Plan) -> dict[str, int]:
-    """Stage index of every fx node; model inputs are ``-1``."""
-    stage_of = {name: -1 for name in plan.input_names}
-    for stage in plan.stages:
-        stage_of.update((name, stage.index) for name in stage.nodes)
-    return stage_of
-
-
-def _stage_boxes(plan: Plan, stage_of: dict[str, int]) -> dict[str, str]:
+def _stage_boxes(stage_of: dict[str, int]) -> dict[str, str]:
     """Stage level: every fx node is drawn as its stage's box."""
     return {name: f"stage_{k}" if k >= 0 else f"input_{name}" for name, k in stage_of.items()}
 
@@ -197,11 +188,11 @@ def _node_boxes(plan: Plan, stage_of: dict[str, int], depth: int | None) -> dict
     Nodes whose value never reaches the output (shape assertions) are not drawn.
     """
     box_of, live = {}, _reaching_output(plan)
-    for node in plan.graph.graph.nodes:
+    for node in plan.graph_module.graph.nodes:
         k = stage_of.get(node.name)
         if k is None or node.name not in live:
             continue
-        path = _module_path(node)
+        path = module_path(node)
         collapsed = depth is not None and k >= 0 and len(path) >= depth
         box_of[node.name] = f"group_{k}_{'.'.join(path[:depth])}" if collapsed else _own_box(node.name, k)
     return _ungroup_singletons(box_of, stage_of)
@@ -209,7 +200,7 @@ def _node_boxes(plan: Plan, stage_of: dict[str, int], depth: int | None) -> dict
 
 def _reaching_output(plan: Plan) -> set[str]:
     live = {plan.output_node.name}
-    for node in reversed(plan.graph.graph.nodes):
+    for node in reversed(plan.graph_module.graph.nodes):
         if any(user.name in live for user in node.users):
             live.add(node.name)
     return live
@@ -227,15 +218,6 @@ def _ungroup_singletons(box_of: dict[str, str], stage_of: dict[str, int]) -> dic
     return {name: _own_box(name, stage_of[name]) if len(members[box]) == 1 else box for name, box in box_of.items()}
 
 
-def _module_path(node: fx.Node) -> tuple[str, ...]:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        qualname = list(stack.values())[-1][0]
-    else:
-        qualname = node.target if node.op == "call_module" else ""
-    return tuple(qualname.split(".")) if qualname else ()
-
-
 def _module_type(node: fx.Node, qualname: str) -> str:
     for name, module_type in (node.meta.get("nn_module_stack") or {}).values():
         if name == qualname:
@@ -243,18 +225,10 @@ def _module_type(node: fx.Node, qualname: str) -> str:
     return ""
 
 
-def _shape_text(plan: Plan, name: str) -> str:
-    info = _node(plan, name).meta.get("fxrelay")
+def _shape_text(node: fx.Node) -> str:
+    info = node.meta.get("fxrelay")
     shape = info.shape if info is not None and info.shape else ()
     return "×".join(map(str, shape[1:] if len(shape) > 1 else shape))
-
-
-def _node(plan: Plan, name: str) -> fx.Node:
-    graph, nodes = plan._cache.get("nodes_by_name", (None, None))
-    if graph is not plan.graph.graph:  # reason: dataclasses.replace shares _cache between plans
-        nodes = {n.name: n for n in plan.graph.graph.nodes}
-        plan._cache["nodes_by_name"] = (plan.graph.graph, nodes)
-    return nodes[name]
 
 
 def _loss_colour(head: Head) -> str:
@@ -285,7 +259,7 @@ def _stage_text(plan: Plan, stage: Stage) -> str:
     """Index, reduction, output shape, params and FLOPs share of a stage, as HTML."""
     share = 100 * stage.flops / (sum(s.flops for s in plan.stages) or 1)
     return (f"<B>stage {stage.index}</B>  /{stage.reduction}<BR/>{_shape_of(stage)}<BR/>"
-            f"<FONT POINT-SIZE=\"9\">{_si(stage.params)} params · {share:.1f}% FLOPs</FONT>")
+            f"<FONT POINT-SIZE=\"9\">{si(stage.params)} params · {share:.1f}% FLOPs</FONT>")
 
 
 def _shape_of(stage: Stage) -> str:
@@ -300,7 +274,8 @@ def _draw_windows(graph: graphviz.Digraph, plan: Plan) -> None:
                        penwidth="5", color=_loss_colour(head))
 
 
-def _draw_stage_nodes(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dict[str, str]) -> None:
+def _draw_stage_nodes(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dict[str, str],
+                      nodes: dict[str, fx.Node]) -> None:
     """Node level: the stage's fx nodes, collapsed into module boxes where ``box_of`` says."""
     members: dict[str, list[str]] = {}
     for name in filter(box_of.__contains__, stage.nodes):
@@ -314,31 +289,31 @@ def _draw_stage_nodes(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_o
                                          f"</TD>{chips}</TR></TABLE>>", shape="plain", style="solid")
         top.edge(f"stage_{stage.index}", next(iter(members)), style="invis")
     for box, names in members.items():
-        cluster.node(box, _group_label(plan, box, names) if box.startswith("group_") else _node_label(plan, names[0]),
-                     style="rounded,filled", fillcolor="white")
+        label = _group_label(nodes, box, names) if box.startswith("group_") else _node_label(plan, nodes[names[0]])
+        cluster.node(box, label, style="rounded,filled", fillcolor="white")
     with cluster.subgraph() as beside:  # reason: heads sit level with the output they read
         beside.attr(rank="same")
         _draw_heads(beside, plan, stage, box_of)
 
 
-def _group_label(plan: Plan, box: str, names: list[str]) -> str:
+def _group_label(nodes: dict[str, fx.Node], box: str, names: list[str]) -> str:
     qualname = box.split("_", 2)[2]
-    module_type = _module_type(_node(plan, names[0]), qualname)
+    module_type = _module_type(nodes[names[0]], qualname)
     kind = f" · {html.escape(module_type)}" if module_type else ""
     return (f"<<B>{html.escape(qualname)}</B>{kind}<BR/>"
-            f"<FONT POINT-SIZE=\"8\">{len(names)} ops · {_shape_text(plan, names[-1])}</FONT>>")
+            f"<FONT POINT-SIZE=\"8\">{len(names)} ops · {_shape_text(nodes[names[-1]])}</FONT>>")
 
 
-def _node_label(plan: Plan, name: str) -> str:
-    node = _node(plan, name)
+def _node_label(plan: Plan, node: fx.Node) -> str:
+    name = node.name
     if node.op == "call_module":
-        op = type(plan.graph.get_submodule(node.target)).__name__
+        op = type(plan.graph_module.get_submodule(node.target)).__name__
     elif node.op == "get_attr":
         op = "param"
     else:
         op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
     return (f"<{html.escape(name)}<BR/>"
-            f"<FONT POINT-SIZE=\"8\">{html.escape(op)} · {_shape_text(plan, name)}</FONT>>")
+            f"<FONT POINT-SIZE=\"8\">{html.escape(op)} · {_shape_text(node)}</FONT>>")
 
 
 def _draw_heads(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dict[str, str]) -> None:
@@ -352,7 +327,7 @@ def _draw_heads(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dic
         cluster.edge(box_of[main_output], f"head_{head.index}", color=colour, style="dashed")
 
 
-def _edges(plan: Plan, stage_of: dict[str, int], box_of: dict[str, str],
+def _edges(plan: Plan, nodes: dict[str, fx.Node], stage_of: dict[str, int], box_of: dict[str, str],
            labelled: bool) -> list[tuple[str, str, str, tuple[int, ...]]]:
     """Edges between boxes: ``(tail, head, label, losses whose gradient stops on it)``.
 
@@ -362,22 +337,17 @@ def _edges(plan: Plan, stage_of: dict[str, int], box_of: dict[str, str],
     edges: dict[tuple[str, str, str], tuple[int, ...]] = {}
     for stage in plan.stages:
         for name in filter(box_of.__contains__, stage.nodes):
-            for src in _node(plan, name).all_input_nodes:
+            for src in nodes[name].all_input_nodes:
                 crossing = stage_of[src.name] != stage.index
                 tail, head = box_of[src.name], box_of[name]
                 if tail == head or (crossing and src.name not in stage.inputs):
                     continue
                 label = f" {src.name}" if crossing and labelled else ""
-                stops = _stops(plan, stage_of[src.name], stage.index) if crossing else ()
+                stops = stopping_losses(plan.heads, stage_of[src.name], stage.index) if crossing else ()
                 edges.setdefault((tail, head, label), stops)
     for src in plan.output_node.all_input_nodes:
         edges.setdefault((box_of[src.name], "output", ""), ())
     return [(tail, head, label, stops) for (tail, head, label), stops in edges.items()]
-
-
-def _stops(plan: Plan, producer: int, consumer: int) -> tuple[int, ...]:
-    """Losses whose window starts after ``producer`` and holds ``consumer``: scope boundaries."""
-    return tuple(h.index for h in plan.heads if producer < h.window[0] <= consumer <= h.window[1] and h.window[0] > 0)
 
 
 def _draw_edge(graph: graphviz.Digraph, tail: str, head: str, label: str, stops: tuple[int, ...]) -> None:
@@ -397,7 +367,7 @@ def _legend(plan: Plan) -> str:
     """HTML table: the model, then one row per loss (its colour, head and window)."""
     total_flops = sum(s.flops for s in plan.stages)
     rows = [f"<TR><TD COLSPAN=\"2\"><B>{html.escape(plan.model_name)}</B> · mode={plan.mode} · "
-            f"{len(plan.stages)} stages · {_si(sum(p.numel() for p in plan.graph.parameters()))} params · "
+            f"{len(plan.stages)} stages · {si(sum(p.numel() for p in plan.graph_module.parameters()))} params · "
             f"{total_flops / 1e9:.3g} GFLOPs/sample</TD></TR>"]
     for head in plan.heads:
         lo, hi = head.window

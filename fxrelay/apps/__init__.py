@@ -1,0 +1,1 @@
+"""Layer 4: model zoo loading, the command line and the demo."""

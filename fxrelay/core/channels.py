@@ -1,0 +1,154 @@
+"""Gradient channels: which losses' gradients cross which stage boundary, and what that costs.
+
+A loss ``j`` trains the stages of its window ``[lo_j, a_j]``; below ``lo_j`` the stage
+inputs are constants for it. Losses with the same ``lo`` propagate identically below
+their heads, so they form one *gradient channel*, named by that ``lo``. A stage is
+covered by the channels of the losses whose window contains it:
+
+* one channel (every stage in ``deep`` and ``standard``, every stage in ``greedy``):
+  the stage is a plain call; an input produced below the channel's ``lo`` is detached;
+* several channels (the overlapping stages of ``relay``): the stage runs forward once
+  and its backward takes one parameter pass with the sum of all channels' gradients,
+  and one input-only pass per channel that continues below, so each channel's
+  gradient stops exactly where its losses' windows end.
+
+:func:`gradient_channels` is the pure heart, the one definition of where a loss's
+gradient stops: the runtime (:mod:`fxrelay.core.scopes`), the rewrite, the executions
+and the diagrams all read it.
+
+Example:
+    >>> from fxrelay.core.ir import Head
+    >>> heads = [Head(0, 2, (0, 2), 0.3, "auto"), Head(1, 3, (2, 3), 0.3, "auto"),
+    ...          Head(2, 4, (3, 4), 1.0, "main")]
+    >>> producers = [(), (0,), (1,), (2,), (3,)]   # producing stage of each stage input
+    >>> [s.channels for s in gradient_channels(producers, heads)]
+    [(0,), (0,), (0, 2), (2, 3), (3,)]
+    >>> stopping_losses(heads, producer=1, consumer=2)
+    (1,)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .ir import MAIN, Head, Stage
+
+__all__ = ["StageScope", "gradient_channels", "producing_stages", "stopping_losses", "backward_flops",
+           "memory_peaks", "EXECUTIONS"]
+
+EXECUTIONS = ("one-line", "checkpointed", "local-step", "sequential")
+
+
+@dataclass(frozen=True)
+class StageScope:
+    """How gradients flow through one stage.
+
+    Attributes:
+        channels: ``lo`` of every gradient channel covering the stage, ascending
+            (empty: no loss trains the stage).
+        input_channels: per stage input, the channels whose gradient continues into
+            it (those with ``lo`` at or below the stage that produced it).
+    """
+
+    channels: tuple[int, ...]
+    input_channels: tuple[tuple[int, ...], ...]
+
+    @property
+    def overlap(self) -> bool:
+        """Whether several channels cover the stage (its backward is split per channel)."""
+        return len(self.channels) > 1
+
+    @property
+    def continuing(self) -> tuple[int, ...]:
+        """The channels whose gradient continues into at least one input."""
+        return tuple(c for c in self.channels if any(c in chans for chans in self.input_channels))
+
+
+def producing_stages(stages: Sequence[Stage]) -> list[tuple[int, ...]]:
+    """Per stage, the stage that produced each of its inputs (-1: a model input)."""
+    producer = {name: s.index for s in stages for name in s.outputs}
+    return [tuple(producer.get(name, -1) for name in s.inputs) for s in stages]
+
+
+def gradient_channels(producers: Sequence[Sequence[int]], heads: Sequence[Head]) -> tuple[StageScope, ...]:
+    """The :class:`StageScope` of every stage.
+
+    Args:
+        producers: per stage, the producing stage of each input (see
+            :func:`producing_stages`; -1 for model inputs).
+        heads: the heads with their windows.
+    """
+    scopes = []
+    for s, inputs in enumerate(producers):
+        channels = _channels_at(heads, s)
+        scopes.append(StageScope(channels, tuple(tuple(c for c in channels if _continues(c, t)) for t in inputs)))
+    return tuple(scopes)
+
+
+def stopping_losses(heads: Sequence[Head], producer: int, consumer: int) -> tuple[int, ...]:
+    """Indices of the losses whose gradient stops on the edge from stage ``producer`` to
+    stage ``consumer`` (they train ``consumer`` but not ``producer``): the edges a picture marks."""
+    stopped = {c for c in _channels_at(heads, consumer) if not _continues(c, producer)}
+    return tuple(h.index for h in heads if h.window[0] in stopped and h.window[0] <= consumer <= h.window[1])
+
+
+def _channels_at(heads: Sequence[Head], stage: int) -> tuple[int, ...]:
+    return tuple(sorted({h.window[0] for h in heads if h.window[0] <= stage <= h.window[1]}))
+
+
+def _continues(channel: int, producer: int) -> bool:
+    """Whether a channel's gradient continues into a value made by ``producer``.
+
+    Model inputs (-1) stay differentiable for the channels reaching stage 0.
+    """
+    return channel <= max(producer, 0)
+
+
+def backward_flops(stages: Sequence[Stage], heads: Sequence[Head]) -> int:
+    """Theoretical backward FLOPs per sample of a training step.
+
+    A stage's backward costs twice its forward (input and weight gradients); an
+    overlap stage adds one input-gradient pass (one forward's worth) per channel that
+    continues below it; each head costs twice its forward.
+    """
+    scopes = gradient_channels(producing_stages(stages), heads)
+    total = 2 * sum(h.flops for h in heads)
+    for stage, scope in zip(stages, scopes):
+        if scope.channels:
+            total += stage.flops * (2 + (len(scope.continuing) if scope.overlap else 0))
+    return total
+
+
+def memory_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> dict[str, int]:
+    """Expected peak bytes per sample saved for backward, for each way of executing a training step.
+
+    * ``one-line``: ``loss.backward()`` after the whole forward: every stage and head;
+    * ``checkpointed``: stage outputs kept, one stage's activations recomputed at a time;
+    * ``local-step``: :class:`fxrelay.LocalStep`: a stage lives until the last window
+      containing it has been backpropagated;
+    * ``sequential``: the lean sequential schedule training one stage, the prefix frozen.
+
+    Heads count with the stage they read. Without heads the plan trains as one network
+    (plain backprop).
+
+    >>> from fxrelay.core.ir import Head, Stage
+    >>> stages = [Stage(k, f"s{k}", (), (), (), (), 1, 0, 0, saved_bytes=10, boundary_bytes=1) for k in range(4)]
+    >>> heads = [Head(j, j, (j, j), 0.3, "auto") for j in range(3)] + [Head(3, 3, (3, 3), 1.0, "main")]
+    >>> memory_peaks(stages, heads)
+    {'one-line': 40, 'checkpointed': 14, 'local-step': 11, 'sequential': 11}
+    """
+    heads = heads or (Head(0, len(stages) - 1, (0, len(stages) - 1), 1.0, MAIN),)
+    saved = [s.saved_bytes + sum(h.saved_bytes for h in heads if h.stage == s.index) for s in stages]
+    last = [max((h.window[1] for h in heads if h.window[0] <= k <= h.window[1]), default=-1)
+            for k in range(len(stages))]
+    local = max((sum(saved[k] for k in range(t + 1) if last[k] >= t) + stages[t].boundary_bytes
+                 for t in range(len(stages))), default=0)
+    boundaries = sum(s.boundary_bytes for s in stages)
+    return {
+        "one-line": sum(saved[k] for k in range(len(stages)) if last[k] >= 0),
+        "checkpointed": boundaries + max(saved, default=0),
+        "local-step": local,
+        "sequential": max((saved[k] + (stages[k - 1].boundary_bytes if k else 0) for k in range(len(stages))),
+                          default=0),
+    }

@@ -1,0 +1,219 @@
+"""Gradient scopes at run time: the calls a transformed model's code makes between its stages.
+
+The rule of where each loss's gradient stops is :mod:`fxrelay.core.channels`; this
+module executes it:
+
+* :func:`detach`: the scope of a stage input that no loss training the stage reaches past;
+* :func:`overlap`: a stage covered by several gradient channels (relay's overlaps). It
+  runs the stage forward once and returns one copy of every output per channel; its
+  backward is :func:`stage_backward`: one parameter pass with the sum of the channels'
+  cotangents and one input-only pass per channel that continues below the stage.
+
+Values that are not tensors (sizes, ints, ``None``, nested tuples of them) cross any
+scope unchanged; tensors inside tuples, lists and dicts are scoped like bare ones.
+
+The overlap's inner graph is kept as saved tensors of the autograd node, so it lives
+exactly as long as the outer graph: ``loss.backward()`` frees it, ``retain_graph=True``
+keeps it for a second backward, and ``create_graph=True`` makes the gradients
+differentiable.
+
+Example:
+    >>> stage = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    >>> x = torch.ones(1, 2, requires_grad=True)
+    >>> c0, c1 = overlap(stage, (0, 1), ((0,),), x)
+    >>> (c1.sum() * 0 + c0.sum()).backward()     # channel 0 continues into x, channel 1 stops
+    >>> torch.equal(x.grad, stage.weight.sum(0, keepdim=True))
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ._compat import tree_flatten, tree_map, tree_unflatten
+
+__all__ = ["detach", "overlap", "stage_backward"]
+
+
+def detach(value: Any) -> Any:
+    """``value`` with every tensor in it detached: no gradient crosses into it."""
+    return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
+
+
+def overlap(stage: nn.Module, channels: tuple[int, ...], input_channels: tuple[tuple[int, ...], ...],
+            *inputs: Any) -> tuple[Any, ...]:
+    """Run ``stage`` once and return one copy of each of its outputs per gradient channel.
+
+    Args:
+        stage: a stage GraphModule (``n_out`` outputs: one value, or a tuple of them).
+        channels: the channels covering the stage, ascending.
+        input_channels: per stage input, the channels whose gradient continues into it.
+        inputs: per stage input, one value per channel in ``input_channels`` (its copy
+            for that channel), or a single value where that tuple is empty (detached).
+
+    Returns:
+        ``n_out * len(channels)`` values, output-major: ``[out0@c0, out0@c1, ..., out1@c0, ...]``.
+    """
+    groups, i = [], 0
+    for chans in input_channels:
+        groups.append(inputs[i:i + max(1, len(chans))])
+        i += max(1, len(chans))
+    if not (torch.is_grad_enabled() and stage.training):
+        outs = _outputs(stage, stage(*(group[0] for group in groups)))
+        return tuple(o for o in outs for _ in channels)
+    call = _Call(stage, channels, input_channels, groups)
+    params = tuple(p for p in stage.parameters() if p.requires_grad)
+    copies = _Overlap.apply(call, len(params), *call.tensor_inputs, *params)
+    return call.assemble(copies)
+
+
+def stage_backward(
+    outputs: Sequence[torch.Tensor],
+    cotangents: Mapping[int, Sequence[torch.Tensor | None]],
+    params: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    input_channels: Sequence[tuple[int, ...]],
+    *,
+    create_graph: bool = False,
+) -> tuple[tuple[torch.Tensor | None, ...], dict[tuple[int, int], torch.Tensor | None]]:
+    """The backward of one stage whose outputs receive a cotangent per gradient channel.
+
+    One pass computes the parameter gradient from the sum of all channels' cotangents;
+    then one input-only pass per channel that continues into some input computes that
+    channel's input gradients. The stage's graph (from ``inputs`` and ``params`` to
+    ``outputs``) is retained: the caller owns its lifetime.
+
+    Args:
+        outputs: the stage's tensor outputs, with their graph.
+        cotangents: per channel, one cotangent per output (``None``: none reached it).
+        params: the parameters to differentiate.
+        inputs: the stage's tensor inputs (leaves of its graph).
+        input_channels: per input, the channels whose gradient continues into it.
+        create_graph: make the gradients differentiable (double backward).
+
+    Returns:
+        The parameter gradients (aligned with ``params``) and the input gradients by
+        ``(input index, channel)``.
+    """
+    live = [c for c, grads in cotangents.items() if any(g is not None for g in grads)]
+    totals = [_sum([cotangents[c][o] for c in live]) for o in range(len(outputs))]
+    param_grads = _vjp(outputs, params, totals, create_graph)
+    input_grads: dict[tuple[int, int], torch.Tensor | None] = {}
+    for c in live:
+        targets = [i for i, chans in enumerate(input_channels) if c in chans and inputs[i].requires_grad]
+        for i, g in zip(targets, _vjp(outputs, [inputs[i] for i in targets], cotangents[c], create_graph)):
+            input_grads[(i, c)] = g
+    return param_grads, input_grads
+
+
+@dataclass
+class _Call:
+    """One overlap call: which tensors go in per channel, and how the outputs come back out."""
+
+    stage: nn.Module
+    channels: tuple[int, ...]
+    input_channels: tuple[tuple[int, ...], ...]
+    groups: list[tuple[Any, ...]]
+    tensor_inputs: list[torch.Tensor] = field(default_factory=list)
+    slot_channels: list[tuple[int, ...]] = field(default_factory=list)  # reason: per tensor leaf of the inputs
+    slot_sizes: list[int] = field(default_factory=list)
+    output_leaves: list[Any] = field(default_factory=list)
+    output_specs: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for chans, group in zip(self.input_channels, self.groups):
+            per_copy = [tree_flatten(value)[0] for value in group]
+            for k, leaf in enumerate(per_copy[0]):
+                if isinstance(leaf, torch.Tensor):
+                    self.tensor_inputs += [copy[k] for copy in per_copy]
+                    self.slot_channels.append(chans)
+                    self.slot_sizes.append(len(per_copy))
+
+    def run(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Call the stage with ``leaves`` in the tensor slots; return its tensor outputs."""
+        it = iter(leaves)
+        args = []
+        for group in self.groups:
+            flat, spec = tree_flatten(group[0])
+            args.append(tree_unflatten([next(it) if isinstance(v, torch.Tensor) else v for v in flat], spec))
+        for out in _outputs(self.stage, self.stage(*args)):
+            flat, spec = tree_flatten(out)
+            self.output_leaves.append(flat)
+            self.output_specs.append(spec)
+        return [v for flat in self.output_leaves for v in flat if isinstance(v, torch.Tensor)]
+
+    def assemble(self, copies: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+        """The stage outputs per channel, output-major, from the channel copies of its tensors."""
+        k, t, result = len(self.channels), 0, []
+        for flat, spec in zip(self.output_leaves, self.output_specs):
+            tensor_index = []
+            for v in flat:
+                tensor_index.append(t if isinstance(v, torch.Tensor) else None)
+                t += isinstance(v, torch.Tensor)
+            for c in range(k):
+                result.append(tree_unflatten([v if i is None else copies[i * k + c] for v, i in zip(flat, tensor_index)],
+                                             spec))
+        return tuple(result)
+
+
+def _outputs(stage: nn.Module, result: Any) -> tuple[Any, ...]:
+    """The stage's output values: a stage module returns a tuple only when it has several."""
+    output = next(n for n in reversed(stage.graph.nodes) if n.op == "output")
+    return result if isinstance(output.args[0], tuple) else (result,)
+
+
+class _Overlap(torch.autograd.Function):
+    """Forward once; backward: :func:`stage_backward` with one cotangent per channel."""
+
+    @staticmethod
+    def forward(ctx: Any, call: _Call, n_params: int, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        copies, params = args[:len(args) - n_params], args[len(args) - n_params:]
+        leaves, i = [], 0
+        for size in call.slot_sizes:
+            group = copies[i:i + size]
+            i += size
+            needs_grad = any(t.requires_grad for t in group) and group[0].is_floating_point()
+            leaves.append(group[0].detach().requires_grad_(needs_grad))
+        with torch.enable_grad():
+            outs = call.run(leaves)
+        # reason: saved tensors live exactly as long as the outer graph (freed by backward unless retained)
+        ctx.save_for_backward(*leaves, *outs)
+        ctx.call, ctx.n_leaves, ctx.params = call, len(leaves), params
+        ctx.set_materialize_grads(False)
+        return tuple(o.detach() for o in outs for _ in call.channels)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        call, saved = ctx.call, ctx.saved_tensors
+        leaves, outs = saved[:ctx.n_leaves], saved[ctx.n_leaves:]
+        k = len(call.channels)
+        cotangents = {c: [grads[o * k + ci] for o in range(len(outs))] for ci, c in enumerate(call.channels)}
+        param_grads, input_grads = stage_backward(outs, cotangents, ctx.params, leaves, call.slot_channels,
+                                                  create_graph=torch.is_grad_enabled())
+        flat = []
+        for i, (chans, size) in enumerate(zip(call.slot_channels, call.slot_sizes)):
+            flat += [input_grads.get((i, c)) for c in chans] if chans else [None] * size
+        return (None, None, *flat, *param_grads)
+
+
+def _vjp(outs: Sequence[torch.Tensor], wrt: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor | None],
+         create_graph: bool) -> tuple[torch.Tensor | None, ...]:
+    pairs = [(o, g) for o, g in zip(outs, cotangents) if g is not None and o.requires_grad]
+    if not wrt or not pairs:
+        return tuple(None for _ in wrt)
+    return torch.autograd.grad([o for o, _ in pairs], list(wrt), [g for _, g in pairs], retain_graph=True,
+                               create_graph=create_graph, allow_unused=True)
+
+
+def _sum(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    total = present[0]
+    for v in present[1:]:
+        total = total + v
+    return total

@@ -1,0 +1,1 @@
+"""Layer 2: inference graphs: inline leaves, strip no-ops, fold BatchNorm, exact BN statistics."""

@@ -1,0 +1,1 @@
+"""Layer 2: pictures of a Plan with graphviz."""

@@ -1,0 +1,143 @@
+"""The code of a transformed model: stage calls, gradient scopes, head calls, combined output.
+
+:func:`staged_graph` turns a Plan with heads into the ``torch.fx.Graph`` that
+:func:`fxrelay.transform` compiles: one call per stage (``self.stages.layer1(...)``),
+an :func:`~fxrelay.overlap` call for a stage that several gradient channels cover, a
+:func:`~fxrelay.detach` where no channel continues into a value, one call per aux head,
+and :func:`~fxrelay.combine_heads` at the end. Values carried per gradient channel are
+named after the value and the channel (``layer2_c0``). :class:`StagedModule` is the
+GraphModule class of the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Callable, Iterable
+
+import torch.fx as fx
+from torch import nn
+
+from ..core._compat import rebuild_graph_module
+from ..core.channels import StageScope
+from ..core.ir import Stage, TracingConfig
+from ..core.outputs import OutputPath, combine_heads
+from ..core.plan import Plan
+from ..core.scopes import detach, overlap
+from .tracing import Tracer
+
+__all__ = ["StagedTracer", "StagedModule", "staged_graph"]
+
+_RUNTIME = (combine_heads, detach, overlap)
+for _function in _RUNTIME:  # reason: emitted code names them fxrelay_<name>, and pickles import them from fxrelay
+    _function.__module__ = "fxrelay"
+
+
+class StagedTracer(Tracer):
+    """The tracer class of a transformed model's graph: it keeps the runtime calls whole.
+
+    Pickling a GraphModule re-traces its code with its graph's tracer class.
+    """
+
+    def __init__(self, config: TracingConfig = TracingConfig(), leaf_names: Iterable[str] = ()):
+        super().__init__(dataclasses.replace(config, autowrap_functions=(*config.autowrap_functions, *_RUNTIME)),
+                         leaf_names)
+
+
+class StagedModule(fx.GraphModule):
+    """A transformed model: a GraphModule whose ``stages`` and ``heads`` index like lists.
+
+    ``fx.GraphModule`` rebuilds the containers of the submodules its code calls as plain
+    modules; this subclass keeps the :class:`~fxrelay.core.modules.ModuleSeq` containers
+    (and the state the forward never reads) through construction, deepcopy and pickle.
+    """
+
+    _KEPT = ("stages", "heads", "unused_state")
+
+    def __init__(self, root: nn.Module | dict, graph: fx.Graph, class_name: str = "GraphModule"):
+        super().__init__(root, graph, class_name)
+        for name in self._KEPT:
+            child = root._modules.get(name) if isinstance(root, nn.Module) else None
+            if child is not None:
+                setattr(self, name, child)
+
+    def _deepcopy_init(self) -> Callable[..., None]:
+        return StagedModule.__init__
+
+    def __reduce__(self) -> tuple:
+        _, (body, import_block) = super().__reduce__()
+        return _unpickle, (body, import_block)
+
+
+def _unpickle(body: dict, import_block: str) -> StagedModule:
+    return rebuild_graph_module(body, import_block, StagedModule)
+
+
+def staged_graph(plan: Plan, output_path: OutputPath) -> fx.Graph:
+    """The training graph: stages, gradient scopes, heads and the combined output."""
+    graph = fx.Graph(tracer_cls=StagedTracer)
+    values = _ChannelValues(graph)
+    for name in plan.input_names:
+        values.plain[name] = graph.placeholder(name)
+    for stage, scope in zip(plan.stages, plan.scopes()):
+        args = [values.for_channels(name, chans) for name, chans in zip(stage.inputs, scope.input_channels)]
+        if scope.overlap:
+            _emit_overlap(graph, values, stage, scope, [a for group in args for a in group])
+        else:
+            call = graph.create_node("call_module", f"stages.{stage.name}", tuple(group[0] for group in args),
+                                     name=stage.name)
+            outs = [call] if len(stage.outputs) == 1 else [
+                graph.create_node("call_function", operator.getitem, (call, i), name=out)
+                for i, out in enumerate(stage.outputs)]
+            for name, node in zip(stage.outputs, outs):
+                values.plain[name] = node
+                values.per_channel.update({(name, c): node for c in scope.channels})
+    head_nodes = tuple(
+        graph.create_node("call_module", f"heads.{plan.stages[h.stage].name}",
+                          (values.get(plan.stages[h.stage].outputs[-1], h.window[0]),),
+                          name=f"aux_{plan.stages[h.stage].name}")
+        for h in plan.aux_heads)
+    channel = plan.heads[-1].window[0] if plan.heads else None
+    result = fx.node.map_arg(plan.output_node.args[0], lambda n: values.get(n.name, channel))
+    if head_nodes:  # reason: standard mode (no aux heads) returns exactly what the original does
+        result = graph.create_node("call_function", combine_heads,
+                                   (result, head_nodes, tuple(h.weight for h in plan.heads), output_path),
+                                   name="output")
+    graph.output(result)
+    return graph
+
+
+def _emit_overlap(graph: fx.Graph, values: "_ChannelValues", stage: Stage, scope: StageScope,
+                  flat: list[fx.Node]) -> None:
+    module = graph.get_attr(f"stages.{stage.name}")
+    call = graph.create_node("call_function", overlap, (module, scope.channels, scope.input_channels, *flat),
+                             name=stage.name)
+    for o, name in enumerate(stage.outputs):
+        label = stage.name if o == len(stage.outputs) - 1 else name
+        for k, c in enumerate(scope.channels):
+            values.per_channel[(name, c)] = graph.create_node(
+                "call_function", operator.getitem, (call, o * len(scope.channels) + k), name=f"{label}_c{c}")
+
+
+class _ChannelValues:
+    """Which graph node carries each cut value, plain and per gradient channel."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.plain: dict[str, fx.Node] = {}
+        self.per_channel: dict[tuple[str, int], fx.Node] = {}
+
+    def get(self, name: str, channel: int | None) -> fx.Node:
+        if (name, channel) in self.per_channel:
+            return self.per_channel[(name, channel)]
+        if name in self.plain:
+            return self.plain[name]
+        # reason: an overlap stage's output read where none of its channels continues: any copy, detached below
+        return next(node for (value, _), node in self.per_channel.items() if value == name)
+
+    def for_channels(self, name: str, channels: tuple[int, ...]) -> list[fx.Node]:
+        """The arguments for a stage input: one per continuing channel, else one detached copy."""
+        if channels:
+            return [self.get(name, c) for c in channels]
+        source = self.get(name, None)
+        return [self.graph.create_node("call_function", detach, (source,), name=f"{source.name}_detached")]

@@ -1,0 +1,1 @@
+"""Layer 3: executions, the training loop and data."""

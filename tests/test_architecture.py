@@ -1,0 +1,106 @@
+"""The package's layers: imports point down only, no cycles, no private helpers across modules.
+
+Layers (docs/architecture.md): core <- passes <- deployment, diagrams <- data, train <- apps;
+models beside (torch and timm only).
+"""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "fxrelay"
+MAY_IMPORT = {
+    "core": {"core"},
+    "passes": {"core", "passes"},
+    "deployment": {"core", "passes", "deployment"},
+    "diagrams": {"core", "passes", "diagrams"},
+    "data": {"data"},
+    "train": {"core", "passes", "deployment", "data", "train"},
+    "apps": {"core", "passes", "deployment", "diagrams", "data", "train", "apps", "models"},
+    "models": {"models"},
+}
+# reason: the command line answers --help before torch is imported; these imports are for start-up time
+LAZY_IMPORTS_ALLOWED = {"apps/cli.py"}
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {str(p.relative_to(PACKAGE)): ast.parse(p.read_text()) for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(path: str, tree: ast.Module) -> list[tuple[str, list[str], bool]]:
+    """``(imported fxrelay module, imported names, inside a function)`` for every import of the package."""
+    package = ["fxrelay", *pathlib.PurePath(path).parent.parts]
+    found = []
+    functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for n in ast.walk(f)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            module, names = next((a.name for a in node.names), ""), []
+        else:
+            continue
+        if module.split(".")[0] == "fxrelay":
+            found.append((module, names, id(node) in functions))
+    return found
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+@pytest.mark.parametrize("path", sorted(p for p in _modules() if "/" in p))
+def test_imports_point_down_only(path):
+    layer = path.split("/")[0]
+    for module, names, lazy in _imports(path, _modules()[path]):
+        target = _layer(module)
+        targets = {target} if target else {_layer(f"fxrelay.{n}") for n in names}
+        assert targets <= MAY_IMPORT[layer], f"{path} ({layer}) imports {module} {names}"
+        assert not lazy or path in LAZY_IMPORTS_ALLOWED, f"{path} imports {module} inside a function"
+        private = [n for n in names if n.startswith("_")]
+        assert not private, f"{path} uses private helpers of {module}: {private}"
+
+
+def test_no_import_cycles_between_modules():
+    graph: dict[str, set[str]] = {}
+    for path, tree in _modules().items():
+        name = "fxrelay." + path[:-3].replace("/", ".").removesuffix(".__init__")
+        graph[name] = {m for m, _, lazy in _imports(path, tree) if not lazy}
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            nxt = nxt if nxt in graph else nxt.rsplit(".", 1)[0]
+            assert state.get(nxt) != 1, f"import cycle: {' -> '.join([*trail, nxt])}"
+            if nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+
+
+def test_private_torch_symbols_live_in_compat_only():
+    for path, tree in _modules().items():
+        if path == "core/_compat.py":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "torch":
+                assert not any(p.startswith("_") for p in node.module.split(".")), f"{path}: from {node.module}"
+                assert not any(a.name.startswith("_") for a in node.names), f"{path}: {node.module} private names"
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch":
+                assert not node.attr.startswith("_"), f"{path}: torch.{node.attr}"
+
+
+def test_import_fxrelay_is_cheap():
+    code = "import sys, fxrelay; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

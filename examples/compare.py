@@ -85,7 +85,8 @@ def save(out: Path, modes: list[str], title: str) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "compare.png")
-    print(f"wrote {out / 'compare.png'}, {out / 'compare.csv'} and {', '.join(str(out / m / 'metrics.csv') for m in modes)}")
+    metrics = ", ".join(str(out / m / "metrics.csv") for m in modes)
+    print(f"wrote {out / 'compare.png'}, {out / 'compare.csv'} and {metrics}")
 
 
 def parser() -> argparse.ArgumentParser:

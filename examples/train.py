@@ -157,8 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stored = state["extra"].get("args", {})
         changed = sorted(k for k in given - RESUME_MAY_SET if getattr(args, k) != stored.get(k))
         if changed:
-            return error(f"--resume continues the checkpointed run with its settings; it cannot change "
-                         f"{', '.join('--' + k.replace('_', '-') for k in changed)} (start a new run with another --out)")
+            options = ", ".join("--" + k.replace("_", "-") for k in changed)
+            return error(f"--resume continues the checkpointed run with its settings; it cannot change {options} "
+                         "(start a new run with another --out)")
         args = argparse.Namespace(**{**stored, "resume": args.resume, **{k: getattr(args, k) for k in given}})
         if "epochs" not in given:
             args.epochs = state["epochs"]

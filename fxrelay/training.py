@@ -36,9 +36,11 @@ Example:
 from __future__ import annotations
 
 import csv
+import fnmatch
 import dataclasses
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -58,7 +60,7 @@ from tqdm.auto import tqdm
 from .outputs import head_losses, head_outputs
 from .plan import Plan
 from .rewrite import is_transformed, plan_of
-from .sequential import check_sequential, greedy_schedule, prefix_cache, train_stage
+from .sequential import StageStep, check_sequential, greedy_schedule, prefix_cache, train_stage
 
 __all__ = ["Recipe", "History", "Trainer", "fit", "evaluate", "evaluate_heads", "save_checkpoint",
            "load_checkpoint", "plan_settings", "no_weight_decay_names", "METRICS_COLUMNS", "write_metrics"]
@@ -209,11 +211,13 @@ def plan_settings(model: nn.Module) -> dict[str, Any] | None:
 def no_weight_decay_names(original: nn.Module, model: nn.Module) -> list[str]:
     """``model``'s names of the parameters ``original.no_weight_decay()`` lists (timm ViTs' position embeddings).
 
+    Names or shell-style patterns, as timm's own optimizer factory reads them.
+
     ``model`` shares parameters with ``original`` (a transform of it); pass the result
     to :class:`Trainer` as ``no_weight_decay``. Empty when ``original`` lists none.
     """
     listed = set(getattr(original, "no_weight_decay", lambda: ())())
-    exempt = {id(p) for name, p in original.named_parameters() if name in listed}
+    exempt = {id(p) for name, p in original.named_parameters() if any(fnmatch.fnmatch(name, x) for x in listed)}
     return [name for name, p in model.named_parameters() if id(p) in exempt]
 
 
@@ -280,8 +284,8 @@ class Trainer:
                              f"lower warmup_epochs ({self.recipe.warmup_epochs})")
         # reason: warmup_prefix=False keeps the warm-up inside the first cycle, so cycles start with the stages
         return CosineLRScheduler(self.optimizer, t_initial=total // cycles, lr_min=self.recipe.min_lr,
-                                 cycle_limit=cycles, warmup_t=warmup, warmup_lr_init=self.recipe.warmup_start * self.recipe.lr,
-                                 t_in_epochs=False)
+                                 cycle_limit=cycles, warmup_t=warmup,
+                                 warmup_lr_init=self.recipe.warmup_start * self.recipe.lr, t_in_epochs=False)
 
     @property
     def final_model(self) -> nn.Module:
@@ -319,13 +323,13 @@ class Trainer:
         self.epoch += 1
         return figures
 
-    def _cached(self, step: Any) -> DataLoader:
+    def _cached(self, step: StageStep) -> DataLoader:
         if self._cache is None or self._cache[0] != step.stage:
             self._cache = None  # reason: free the previous stage's cache before filling the next
             self._cache = (step.stage, prefix_cache(step, self.loader, self.device))
         return self._cache[1]
 
-    def _run(self, batches: Iterable, forward: Callable, step: Any, desc: str,
+    def _run(self, batches: Iterable, forward: Callable, step: StageStep | None, desc: str,
              progress: bool) -> tuple[list[float], list[float], float]:
         num_heads = len(self.history.head_stages)
         rows = [step.head] if step is not None else list(range(num_heads))
@@ -422,8 +426,8 @@ class Trainer:
         schedule is recomputed for the new length from the update reached.
 
         Raises:
-            ValueError: not a training checkpoint, or written for a different plan,
-                recipe or number of updates per epoch.
+            ValueError: not a training checkpoint, written for a different plan, recipe
+                or number of updates per epoch, or past ``epochs`` already.
         """
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"not an fxrelay training checkpoint (format {state.get('format')!r}, "
@@ -431,6 +435,9 @@ class Trainer:
         _require_same("plan", state["plan"], plan_settings(self.model))
         _require_same("recipe", state["recipe"], dataclasses.asdict(self.recipe))
         _require_same("updates per epoch (batch size, dataset)", state["steps_per_epoch"], self.steps_per_epoch)
+        if state["epoch"] > self.epochs:
+            raise ValueError(f"the checkpoint has trained {state['epoch']} epochs, more than the {self.epochs} "
+                             "asked for")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.updates = state["epoch"], state["updates"]
@@ -463,7 +470,8 @@ def _require_same(what: str, stored: Any, current: Any) -> None:
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: Iterable, epochs: int, *,
         recipe: Recipe | None = None, device: str | torch.device = "cpu", progress: bool = True,
         checkpoint: str | Path | None = None, metrics: str | Path | None = None,
-        resume: dict[str, Any] | None = None, extra: dict[str, Any] | None = None, on_epoch_end: Callable[[int, History], None] | None = None,
+        resume: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+        on_epoch_end: Callable[[int, History], None] | None = None,
         no_weight_decay: Collection[str] = ()) -> History:
     """Train ``model`` (transformed or plain) for ``epochs``, validating after each; see :class:`Trainer`.
 
@@ -496,7 +504,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises:
         ValueError: the file is not a training checkpoint.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is not an fxrelay training checkpoint (it holds objects that only unsafe "
+                         "unpickling loads)") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an fxrelay training checkpoint")
     return state

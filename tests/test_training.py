@@ -1,5 +1,6 @@
 """The training loop: one optimizer and schedule per run, exact resume, EMA, per-head metrics, the examples."""
 
+import argparse
 import csv
 import dataclasses
 import importlib.util
@@ -184,6 +185,10 @@ def test_resume_refuses_another_plan_or_recipe_and_warns_on_new_length(tmp_path)
         Trainer(_model("relay"), loader, 1).load_state_dict(state)
     with pytest.raises(ValueError, match="different recipe .*lr: 0.05 in the checkpoint, 0.1 now"):
         Trainer(_model("greedy"), loader, 1, Recipe(lr=0.1)).load_state_dict(state)
+    old = tmp_path / "pickled.pt"
+    torch.save({"args": argparse.Namespace(lr=0.05)}, old)  # reason: what train.py wrote before
+    with pytest.raises(ValueError, match="not an fxrelay training checkpoint"):
+        load_checkpoint(old)
     longer = Trainer(_model("greedy"), loader, 3)
     with pytest.warns(UserWarning, match="resuming a 1-epoch run for 3 epochs"):
         longer.load_state_dict(state)
@@ -231,20 +236,35 @@ TINY = ["--model", "resnet10t", "--image-size", "16", "--train-size", "32", "--v
         "16", "--no-progress"]
 
 
-def test_train_py_resumes_to_the_checkpoints_epochs(tmp_path, capsys):
+def test_train_py_resumes_bitwise_to_the_checkpoints_epochs(tmp_path, capsys, monkeypatch):
+    """An interrupted train.py run, resumed without --epochs, ends where the uninterrupted one does."""
     train = _example("train")
-    out = tmp_path / "run"
-    assert train.main(TINY + ["--epochs", "1", "--out", str(out)]) == 0
-    assert train.main(["--resume", str(out / "checkpoint.pt")]) == 0
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert train.main(TINY + ["--epochs", "2", "--ema", "--out", str(whole)]) == 0
+    report = train.report
+
+    def interrupt(epoch, history, epochs):
+        report(epoch, history, epochs)
+        raise _Stop
+
+    monkeypatch.setattr(train, "report", interrupt)
+    with pytest.raises(_Stop):
+        train.main(TINY + ["--epochs", "2", "--ema", "--out", str(cut)])
+    monkeypatch.setattr(train, "report", report)
+    capsys.readouterr()
+    assert train.main(["--resume", str(cut / "checkpoint.pt")]) == 0
     printed = capsys.readouterr().out
-    assert "resuming " + str(out / "checkpoint.pt") + " after epoch 1 of 1; training to epoch 1 (the checkpoint's " \
-        "--epochs)" in printed and "epoch 2/" not in printed
-    assert train.main(["--resume", str(out / "checkpoint.pt"), "--epochs", "2", "--no-progress"]) == 0
+    assert (f"resuming {cut / 'checkpoint.pt'} after epoch 1 of 2; training to epoch 2 (the checkpoint's --epochs)"
+            in printed and "epoch 2/2" in printed and "deployed (EMA weights)" in printed)
+    ours, theirs = load_checkpoint(cut / "checkpoint.pt"), load_checkpoint(whole / "checkpoint.pt")
+    _equal_states(ours["model"], theirs["model"])
+    _equal_states(ours["ema"], theirs["ema"])
+
+    assert train.main(["--resume", str(cut / "checkpoint.pt"), "--epochs", "3"]) == 0
     printed = capsys.readouterr().out
-    assert "training to epoch 2 (--epochs given)" in printed and "epoch 2/2" in printed
-    assert "note: resuming a 1-epoch run for 2 epochs: the learning-rate schedule is recomputed" in printed
-    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
-    assert train.main(["--resume", str(out / "checkpoint.pt"), "--lr", "0.1"]) == 2
+    assert "training to epoch 3 (--epochs given)" in printed and "epoch 3/3" in printed
+    assert "note: resuming a 2-epoch run for 3 epochs: the learning-rate schedule is recomputed" in printed
+    assert train.main(["--resume", str(cut / "checkpoint.pt"), "--lr", "0.1"]) == 2
     assert capsys.readouterr().err == ("train.py: error: --resume continues the checkpointed run with its settings; "
                                        "it cannot change --lr (start a new run with another --out)\n")
 

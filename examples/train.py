@@ -1,29 +1,95 @@
 """Train any timm or torchvision model with Relay BP (or greedy, deep, standard), then deploy it.
 
     python examples/train.py --model resnet10t --mode relay --epochs 5            # generated shapes
-    python examples/train.py --model tv:resnet18 --data /path/to/imagefolder --image-size 128
-    python examples/train.py --model resnet10t --mode greedy --local-step --epochs 10
+    python examples/train.py --model tv:resnet18 --data /path/to/imagefolder --image-size 128 --amp --ema
+    python examples/train.py --model resnet10t --mode greedy --local-step --epochs 10 --cache-prefix
     python examples/train.py --resume out/train/checkpoint.pt                   # continue a run
 
 ``--data`` is an ImageFolder root with ``train/`` and ``val/`` subfolders (or one folder,
 split 90/10). Without it the generated :class:`fxrelay.data.Shapes` dataset is used.
-Every epoch prints each head's train loss and accuracy and the validation accuracy;
-a checkpoint is written after every epoch. At the end the model is deployed (heads and
-scopes stripped, BatchNorm folded) and the script checks that the deployed model's
-validation accuracy equals the trained model's.
+
+The loop is :class:`fxrelay.train.loop.Trainer`: one timm optimizer (SGD with Nesterov
+momentum or AdamW, no weight decay on norms and biases) and one per-update cosine
+schedule with warm-up for the whole run, label smoothing, optional bfloat16 autocast
+(``--amp``) and EMA of the weights (``--ema``). ``--local-step`` is the sequential
+greedy schedule (one stage at a time, each for the same number of epochs; only stages
+``0..k`` and head ``k`` run), ``--cache-prefix`` computes the frozen stages once per stage.
+
+After every epoch the script prints each head's train loss and accuracy and validation
+accuracy, and writes ``OUT/checkpoint.pt`` (the whole run; it loads with
+``torch.load(..., weights_only=True)``; ``--resume`` continues it bitwise as if never
+stopped) and ``OUT/metrics.csv`` (one row per epoch and head). At the end the model (the
+EMA weights with ``--ema``) is deployed: heads and scopes stripped, BatchNorm folded; the
+script checks that the deployed model's validation accuracy equals the trained one's.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, random_split
 
 import fxrelay
-from fxrelay.apps.cli import load_model
-from fxrelay.train.loop import History, evaluate, fit
+from fxrelay.apps.cli import UsageError, load_model
+from fxrelay.train.loop import History, Recipe, Trainer, evaluate, load_checkpoint, no_weight_decay_names
+
+DEFAULT_EPOCHS = 5
+# reason: what a resumed run may change; everything else is the checkpointed run's
+RESUME_MAY_SET = {"resume", "epochs", "out", "workers", "no_progress", "device"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="resnet10t", help="timm model name, or tv:NAME for torchvision")
+    p.add_argument("--mode", choices=fxrelay.MODES, default="relay", help="training mode of the transform")
+    p.add_argument("--window", type=int, default=2, help="relay window: stages each loss trains")
+    p.add_argument("--head", default="auto", help="aux head kind: auto, linear, layercnn, dgl")
+    p.add_argument("--data", default=None, help="ImageFolder root (none: generated shapes)")
+    p.add_argument("--epochs", type=int, default=argparse.SUPPRESS,
+                   help=f"epochs of the run (default: {DEFAULT_EPOCHS}; with --resume: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    p.add_argument("--opt", default="sgd", help="timm optimizer: sgd (Nesterov momentum), adamw, ...")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on norms and biases)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up, in epochs (may be fractional)")
+    p.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CPU and CUDA)")
+    p.add_argument("--ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3); "
+                   "validate and deploy it")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay (with --ema)")
+    p.add_argument("--image-size", type=int, default=32, help="image side in px")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the generated data")
+    p.add_argument("--train-size", type=int, default=4096, help="generated training images")
+    p.add_argument("--val-size", type=int, default=1024, help="generated validation images")
+    p.add_argument("--class-aware", action="store_true", help="class-aware sampling (Relay BP)")
+    p.add_argument("--local-step", action="store_true",
+                   help="sequential greedy schedule (--mode greedy): one stage at a time, lower ones frozen")
+    p.add_argument("--cache-prefix", action="store_true",
+                   help="with --local-step: compute the frozen stages' outputs once per stage (memory: the "
+                        "training set times one stage input)")
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the shuffling")
+    p.add_argument("--out", default="out/train", help="folder for checkpoint.pt, metrics.csv and the deployed model "
+                   "(with --resume: the checkpoint's folder)")
+    p.add_argument("--resume", default=None, help="checkpoint.pt of a run to continue")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def given_options(p: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The destinations of the options written on the command line."""
+    actions = p._option_string_actions
+    return {actions[a.split("=")[0]].dest for a in argv if a.split("=")[0] in actions}
 
 
 def datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:
@@ -54,74 +120,98 @@ def loaders(args: argparse.Namespace, train: Dataset, val: Dataset) -> tuple[Dat
     return train_loader, DataLoader(val, batch_size=256, num_workers=args.workers)
 
 
-def build(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    torch.manual_seed(args.seed)
-    model = load_model(args.model, num_classes=num_classes)
-    return fxrelay.transform(model, args.mode, window=args.window, head_kind=args.head,
-                             example_input=torch.randn(1, 3, args.image_size, args.image_size))
+def recipe(args: argparse.Namespace) -> Recipe:
+    return Recipe(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                  warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, label_smoothing=args.label_smoothing,
+                  amp=args.amp, ema_decay=args.ema_decay if args.ema else 0.0, sequential=args.local_step,
+                  cache_prefix=args.cache_prefix)
 
 
-def report(epoch: int, history: History, heads) -> None:
-    per_head = "  ".join(f"h{h.index}@s{h.stage}: loss {loss:.3f} acc {acc:.1%}" for h, loss, acc in
-                         zip(heads, history.head_loss[epoch], history.head_accuracy[epoch]))
-    print(f"epoch {epoch + 1}: {per_head}  | val acc {history.val_accuracy[epoch]:.1%} "
-          f"({history.seconds[epoch]:.1f} s)", flush=True)
+def report(epoch: int, history: History, epochs: int) -> None:
+    heads = "  ".join(f"h{j}@s{stage}: " + (f"loss {loss:.3f} acc {acc:.1%} " if not math.isnan(loss) else "")
+                      + f"val {val:.1%}" for j, (stage, loss, acc, val) in enumerate(zip(
+                          history.head_stages, history.head_loss[epoch], history.head_accuracy[epoch],
+                          history.val_head_accuracy[epoch])))
+    stage = "" if history.stage[epoch] is None else f" [stage {history.stage[epoch]}]"
+    ema = f" (EMA {history.ema_val_accuracy[epoch]:.1%})" if history.ema_val_head_accuracy else ""
+    print(f"epoch {epoch + 1}/{epochs}{stage}: {heads}  | val acc {history.val_accuracy[epoch]:.1%}{ema}  "
+          f"lr {history.lr[epoch]:.4g}  ({history.seconds[epoch]:.1f} s)", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet10t")
-    parser.add_argument("--mode", choices=fxrelay.MODES, default="relay")
-    parser.add_argument("--window", type=int, default=2)
-    parser.add_argument("--head", default="auto")
-    parser.add_argument("--data", default=None, help="ImageFolder root (default: generated shapes)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--num-classes", type=int, default=10, help="generated data only")
-    parser.add_argument("--train-size", type=int, default=4096, help="generated data only")
-    parser.add_argument("--val-size", type=int, default=1024, help="generated data only")
-    parser.add_argument("--class-aware", action="store_true", help="class-aware sampling (Relay BP)")
-    parser.add_argument("--local-step", action="store_true",
-                        help="sequential greedy schedule: one stage at a time, lower ones frozen")
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="out/train")
-    parser.add_argument("--resume", default=None, help="checkpoint to continue from")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args()
-    checkpoint = torch.load(args.resume, weights_only=False) if args.resume else None
-    if checkpoint:
-        args = argparse.Namespace(**{**vars(checkpoint["args"]), "resume": args.resume, "epochs": args.epochs})
+def error(message: str) -> int:
+    print(f"train.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = parser()
+    args = p.parse_args(argv)
+    given = given_options(p, argv)
+    state = None
+    if args.resume:
+        try:
+            state = load_checkpoint(args.resume)
+        except (OSError, ValueError, RuntimeError) as e:
+            return error(f"cannot resume from {args.resume}: {str(e).splitlines()[0]}")
+        stored = state["extra"].get("args", {})
+        changed = sorted(k for k in given - RESUME_MAY_SET if getattr(args, k) != stored.get(k))
+        if changed:
+            options = ", ".join("--" + k.replace("_", "-") for k in changed)
+            return error(f"--resume continues the checkpointed run with its settings; it cannot change {options} "
+                         "(start a new run with another --out)")
+        args = argparse.Namespace(**{**stored, "resume": args.resume, **{k: getattr(args, k) for k in given}})
+        if "epochs" not in given:
+            args.epochs = state["epochs"]
+        if "out" not in given:
+            args.out = str(Path(args.resume).parent)
+        source = "--epochs given" if "epochs" in given else "the checkpoint's --epochs"
+        print(f"resuming {args.resume} after epoch {state['epoch']} of {state['epochs']}; training to epoch "
+              f"{args.epochs} ({source})")
+    else:
+        args.epochs = getattr(args, "epochs", DEFAULT_EPOCHS)
+    if args.local_step and args.mode != "greedy":
+        return error("--local-step trains stage by stage with one head per stage: add --mode greedy")
+    if args.cache_prefix and not args.local_step:
+        return error("--cache-prefix caches the frozen stages of --local-step: add --local-step")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     train, val, num_classes = datasets(args)
     train_loader, val_loader = loaders(args, train, val)
-    model = build(args, num_classes)
-    history, start = History(), 0
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        history, start = checkpoint["history"], checkpoint["epoch"] + 1
-        print(f"resumed from {args.resume} after epoch {start}")
-    heads = fxrelay.plan_of(model).heads
+    try:
+        torch.manual_seed(args.seed)
+        original = load_model(args.model, num_classes=num_classes)
+        model = fxrelay.transform(original, args.mode, window=args.window, head_kind=args.head,
+                                  example_input=torch.randn(1, 3, args.image_size, args.image_size))
+        trainer = Trainer(model, train_loader, args.epochs, recipe(args), device=device,
+                          no_weight_decay=no_weight_decay_names(original, model))
+        if state is not None:
+            with warnings.catch_warnings(record=True) as notes:
+                warnings.simplefilter("always")
+                trainer.load_state_dict(state)
+            for note in notes:
+                print(f"note: {note.message}")
+    except (UsageError, ValueError) as e:
+        return error(str(e))
     print(fxrelay.plan_of(model))
-
-    def save(epoch: int, hist: History) -> None:
-        report(epoch, hist, heads)
-        torch.save({"args": args, "model": model.state_dict(), "history": hist, "epoch": epoch},
-                   out / "checkpoint.pt")
-
-    fit(model, train_loader, val_loader, args.epochs, lr=args.lr, local_step=args.local_step,
-        progress=not args.no_progress, start_epoch=start, history=history, on_epoch_end=save)
-    deployed = fxrelay.deploy(model)
-    trained_acc, deployed_acc = evaluate(model, val_loader), evaluate(deployed, val_loader)
+    print(f"training: {trainer.describe()}, {args.opt} lr {args.lr}, {len(train_loader)} updates/epoch"
+          + (", bfloat16 autocast" if args.amp else "") + (f", EMA {args.ema_decay}" if args.ema else "")
+          + (", prefix cache" if args.cache_prefix else ""), flush=True)
+    stored_args = {k: v for k, v in vars(args).items() if k != "resume"}
+    trainer.fit(val_loader, progress=not args.no_progress, checkpoint=out / "checkpoint.pt",
+                extra={"args": stored_args}, on_epoch_end=lambda e, h: report(e, h, args.epochs))
+    final = trainer.final_model
+    deployed = fxrelay.deploy(final)
+    trained_acc, deployed_acc = evaluate(final, val_loader, device), evaluate(deployed, val_loader, device)
+    out.mkdir(parents=True, exist_ok=True)
     torch.save(deployed, out / "deployed.pt")
-    torch.save(fxrelay.original_state_dict(model), out / "original_state_dict.pt")
+    torch.save(fxrelay.original_state_dict(final), out / "original_state_dict.pt")
     verdict = "equal" if trained_acc == deployed_acc else "DIFFERENT"
-    print(f"deployed: val acc {deployed_acc:.2%} vs trained {trained_acc:.2%} ({verdict}); "
-          f"wrote {out / 'deployed.pt'}, {out / 'original_state_dict.pt'}, {out / 'checkpoint.pt'}")
+    print(f"deployed ({'EMA' if args.ema else 'trained'} weights): val acc {deployed_acc:.2%} vs trained "
+          f"{trained_acc:.2%} ({verdict}); wrote {out / 'deployed.pt'}, {out / 'original_state_dict.pt'}, "
+          f"{out / 'checkpoint.pt'}, {out / 'metrics.csv'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,7 +15,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
     "ASSERT_IS_NONE", "BatchNormBase", "DropoutBase", "TORCH_ASSERT", "TorchDispatchMode",
-    "USER_PRESERVED_ATTRIBUTES_KEY", "disabled_torch_function", "make_wrapper_subclass", "rebuild_graph_module",
+    "USER_PRESERVED_ATTRIBUTES_KEY", "autowrap", "disabled_torch_function", "make_wrapper_subclass",
+    "rebuild_graph_module",
     "tree_flatten", "tree_map", "tree_unflatten",
 ]
 
@@ -37,3 +38,8 @@ def rebuild_graph_module(body: dict, import_block: str, cls: type[fx.GraphModule
     """Unpickle what ``GraphModule.__reduce__`` saved as an instance of the subclass ``cls``."""
     forward = _forward_from_src(import_block + (body.get("_code") or body["code"]), {})
     return _deserialize_graph_module(forward, body, cls)
+
+
+def autowrap(tracer: fx.Tracer, functions: list) -> None:
+    """Make ``tracer`` record calls of ``functions`` as single nodes (as its ``autowrap_functions`` argument does)."""
+    tracer._autowrap_function_ids.update(id(f) for f in functions)

@@ -11,37 +11,24 @@ GraphModule class of the result.
 
 from __future__ import annotations
 
-import dataclasses
 import operator
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch.fx as fx
 from torch import nn
 
 from ..core._compat import rebuild_graph_module
 from ..core.channels import StageScope
-from ..core.ir import Stage, TracingConfig
+from ..core.ir import Stage
 from ..core.outputs import OutputPath, combine_heads
 from ..core.plan import Plan
 from ..core.scopes import detach, overlap
-from .tracing import Tracer
+from .tracing import GeneratedCodeTracer
 
-__all__ = ["StagedTracer", "StagedModule", "staged_graph"]
+__all__ = ["StagedModule", "staged_graph"]
 
-_RUNTIME = (combine_heads, detach, overlap)
-for _function in _RUNTIME:  # reason: emitted code names them fxrelay_<name>, and pickles import them from fxrelay
-    _function.__module__ = "fxrelay"
-
-
-class StagedTracer(Tracer):
-    """The tracer class of a transformed model's graph: it keeps the runtime calls whole.
-
-    Pickling a GraphModule re-traces its code with its graph's tracer class.
-    """
-
-    def __init__(self, config: TracingConfig = TracingConfig(), leaf_names: Iterable[str] = ()):
-        super().__init__(dataclasses.replace(config, autowrap_functions=(*config.autowrap_functions, *_RUNTIME)),
-                         leaf_names)
+for _function in (combine_heads, detach, overlap):
+    _function.__module__ = "fxrelay"  # reason: emitted code names them fxrelay_<name>; pickles import them from fxrelay
 
 
 class StagedModule(fx.GraphModule):
@@ -75,7 +62,7 @@ def _unpickle(body: dict, import_block: str) -> StagedModule:
 
 def staged_graph(plan: Plan, output_path: OutputPath) -> fx.Graph:
     """The training graph: stages, gradient scopes, heads and the combined output."""
-    graph = fx.Graph(tracer_cls=StagedTracer)
+    graph = fx.Graph(tracer_cls=GeneratedCodeTracer)
     values = _ChannelValues(graph)
     for name in plan.input_names:
         values.plain[name] = graph.placeholder(name)

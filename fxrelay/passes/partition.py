@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import torch.fx as fx
@@ -40,8 +41,8 @@ from ..core.ir import Stage, TracingConfig
 from ..core.plan import Plan
 from .analysis import Analysis, analyse, owned_parameters
 from .cuts import CutIndex, cut_index, prefix_sums
-from .tracing import ExampleInput, check_module, default_example_input, did_you_mean, module_path, trace, \
-    tracing_config
+from .tracing import ExampleInput, as_inputs, check_module, default_example_input, did_you_mean, module_path, \
+    trace, tracing_config
 
 __all__ = ["partition", "plan_stages", "BOUNDARIES", "pool_cut_key", "stage_names"]
 
@@ -106,7 +107,24 @@ def partition(
         raise ValueError(f"{type(model).__name__} does not run on the assumed example input of shape "
                          f"{tuple(example_input.shape)} ({_first_line(e)}); pass example_input= with an input "
                          "of the size the model is used at") from None
+    _warn_collapsed_maps(gm, analysis, example_input)
     return plan_stages(gm, analysis, boundaries, num_stages, cut_after, tracing=config)
+
+
+def _warn_collapsed_maps(gm: fx.GraphModule, analysis: Analysis, example_input: ExampleInput) -> None:
+    """Warn when the example input is too small: a spatial convolution sees a 1-pixel map, so the
+    levels below it (and their stages) cannot be measured."""
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(module, nn.Conv2d) or module.kernel_size == (1, 1) and module.stride == (1, 1):
+            continue
+        shape = analysis.info[node.args[0].name].shape if isinstance(node.args[0], fx.Node) else None
+        if shape is not None and len(shape) == 4 and min(shape[-2:]) == 1:
+            size = "x".join(map(str, as_inputs(example_input)[0].shape[-2:]))
+            warnings.warn(f"the {size} example input shrinks the feature maps to 1 pixel before {node.target}, so "
+                          "the resolution levels after it cannot be found (fewer stages); pass example_input= "
+                          "of the size the model is used at", UserWarning, stacklevel=3)
+            return
 
 
 def _first_line(e: BaseException) -> str:

@@ -143,8 +143,10 @@ def transform(
     head_kind = _deprecated("head", head, "head_kind", head_kind, "auto")
     _check_arguments(mode, window, head_stages, head_kind, aux_weight, skip_first, num_classes)
     config = tracing_config(tracing)
-    example_input = default_example_input(model) if example_input is None else example_input
-    own = model_aux_heads(model, example_input, tracing=config) if head_stages == "model" else {}
+    own = {}
+    if head_stages == "model":
+        own = model_aux_heads(model, default_example_input(model) if example_input is None else example_input,
+                              tracing=config)
     with training_mode(model, False):  # reason: the inference graph; aux-logit branches stay out
         plan = partition(model, boundaries, num_stages, example_input, tracing=config, cut_after=list(own.values()))
     path = output_path(plan, output)

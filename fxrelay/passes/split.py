@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from ..core.ir import Stage
 from ..core.plan import Plan
-from .tracing import Tracer, mutates_input
+from .tracing import GeneratedCodeTracer, mutates_input
 
 __all__ = ["split_stages", "stage_module", "run_stages"]
 
@@ -39,7 +39,7 @@ def stage_module(gm: fx.GraphModule, stage: Stage, nodes: dict[str, fx.Node]) ->
     writes into a tensor a head also reads (later stages read the modified value: the
     trace makes every read after an in-place op read that op's result).
     """
-    graph = fx.Graph(tracer_cls=Tracer)
+    graph = fx.Graph(tracer_cls=GeneratedCodeTracer)
     env: dict[str, fx.Node] = {}
     members = set(stage.nodes)
     for name in stage.inputs:

@@ -51,10 +51,10 @@ from timm.layers import DropBlock2d, DropPath, get_notrace_functions, get_notrac
 from torch import nn
 from torch.nn import functional as F
 
-from ..core._compat import ASSERT_IS_NONE, TORCH_ASSERT
+from ..core._compat import ASSERT_IS_NONE, TORCH_ASSERT, autowrap
 from ..core.ir import TracingConfig
 
-__all__ = ["Tracer", "TraceError", "TracingConfig", "trace", "default_example_input", "register_leaf",
+__all__ = ["Tracer", "GeneratedCodeTracer", "TraceError", "TracingConfig", "trace", "default_example_input", "register_leaf",
            "register_autowrap", "tracing_config", "module_path", "did_you_mean", "as_inputs", "DROPOUT_FUNCTIONS",
            "ExampleInput"]
 
@@ -92,7 +92,11 @@ def register_leaf(cls: type[nn.Module]) -> type[nn.Module]:
 
 def register_autowrap(fn: _T) -> _T:
     """Function decorator: fxrelay records calls of ``fn`` as single graph nodes (like timm's
-    ``register_notrace_function``). Use it for helpers with Python control flow on tensor values."""
+    ``register_notrace_function``). Use it for helpers with Python control flow on tensor values.
+
+    As with torch.fx's ``autowrap_functions``, ``fn`` must be a module-level function of
+    the module whose code calls it (fx patches module globals, not closures).
+    """
     if not callable(fn):
         raise TypeError(f"register_autowrap decorates functions, got {fn!r}")
     _registered_functions.append(fn)
@@ -178,6 +182,21 @@ class Tracer(fx.Tracer):
             if not hasattr(e, "_fxrelay_module"):
                 e._fxrelay_module = next((n for n, mod in self.root.named_modules() if mod is m), "")
             raise
+
+
+class GeneratedCodeTracer(Tracer):
+    """The tracer class of the graphs fxrelay generates (stages, the staged model).
+
+    Unpickling a GraphModule re-traces its generated code; every function that code
+    calls was one node when the graph was made, so it stays one node: no tracing
+    configuration (autowrap functions of a single call) needs to be known then.
+    """
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        forward = getattr(root, "forward", root)
+        code_globals = getattr(forward, "__func__", forward).__globals__
+        autowrap(self, [f for f in code_globals.values() if inspect.isfunction(f)])
+        return super().trace(root, concrete_args)
 
 
 def default_example_input(model: nn.Module) -> torch.Tensor:

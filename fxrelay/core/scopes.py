@@ -44,6 +44,7 @@ def detach(value: Any) -> Any:
     return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
 
 
+@torch.compiler.disable  # reason: its backward re-enters autograd on the stage's own graph, kept for retain_graph
 def overlap(stage: nn.Module, channels: tuple[int, ...], input_channels: tuple[tuple[int, ...], ...],
             *inputs: Any) -> tuple[Any, ...]:
     """Run ``stage`` once and return one copy of each of its outputs per gradient channel.

@@ -48,6 +48,8 @@ class Plan:
         leaves: submodules traced as single calls because their code is not traceable.
         tracing: the tracing configuration the graph was made with (deploy and render
             re-trace with it).
+        checkpoint: the transformed model keeps only stage boundaries for backward and
+            recomputes each stage and head there (``transform(checkpoint=True)``).
     """
 
     graph_module: fx.GraphModule
@@ -57,6 +59,7 @@ class Plan:
     boundaries: str = "pool"
     leaves: tuple[str, ...] = ()
     tracing: TracingConfig = TracingConfig()
+    checkpoint: bool = False
 
     @property
     def graph(self) -> fx.GraphModule:

@@ -7,7 +7,12 @@ module executes it:
 * :func:`overlap`: a stage covered by several gradient channels (relay's overlaps). It
   runs the stage forward once and returns one copy of every output per channel; its
   backward is :func:`stage_backward`: one parameter pass with the sum of the channels'
-  cotangents and one input-only pass per channel that continues below the stage.
+  cotangents and one input-only pass per channel that continues below the stage;
+* :func:`checkpointed`: a stage or head whose activations are not kept: the forward
+  keeps its inputs only, and the backward recomputes it (``transform(checkpoint=True)``).
+  Dropout and drop-path draw the same masks again (the RNG state is restored), and
+  buffers the recompute would update a second time (BatchNorm's running statistics)
+  are restored after it.
 
 Values that are not tensors (sizes, ints, ``None``, nested tuples of them) cross any
 scope unchanged; tensors inside tuples, lists and dicts are scoped like bare ones.
@@ -31,12 +36,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import contextlib
+import functools
+
 import torch
 from torch import nn
+import torch.utils.checkpoint
 
 from ._compat import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["detach", "overlap", "stage_backward"]
+__all__ = ["detach", "overlap", "checkpointed", "stage_backward"]
 
 
 def detach(value: Any) -> Any:
@@ -44,9 +53,37 @@ def detach(value: Any) -> Any:
     return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
 
 
+def checkpointed(module: nn.Module, *inputs: Any) -> Any:
+    """``module(*inputs)``, keeping only the inputs for backward, which recomputes the rest."""
+    if not (torch.is_grad_enabled() and module.training):
+        return module(*inputs)
+    return torch.utils.checkpoint.checkpoint(module, *inputs, use_reentrant=False,
+                                             context_fn=functools.partial(_recompute_contexts, module))
+
+
+def _recompute_contexts(module: nn.Module) -> tuple[Any, Any]:
+    return contextlib.nullcontext(), _BuffersKept(module)
+
+
+class _BuffersKept:
+    """Restores every buffer of a module after each block it is entered for: a recompute must not
+    update BatchNorm's running statistics a second time."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.saved = [(b, b.clone()) for b in self.module.buffers()]
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for buffer, value in self.saved:
+                buffer.copy_(value)
+
+
 @torch.compiler.disable  # reason: its backward re-enters autograd on the stage's own graph, kept for retain_graph
 def overlap(stage: nn.Module, channels: tuple[int, ...], input_channels: tuple[tuple[int, ...], ...],
-            *inputs: Any) -> tuple[Any, ...]:
+            *inputs: Any, checkpoint: bool = False) -> tuple[Any, ...]:
     """Run ``stage`` once and return one copy of each of its outputs per gradient channel.
 
     Args:
@@ -55,6 +92,7 @@ def overlap(stage: nn.Module, channels: tuple[int, ...], input_channels: tuple[t
         input_channels: per stage input, the channels whose gradient continues into it.
         inputs: per stage input, one value per channel in ``input_channels`` (its copy
             for that channel), or a single value where that tuple is empty (detached).
+        checkpoint: keep only the inputs for backward, as :func:`checkpointed` does.
 
     Returns:
         ``n_out * len(channels)`` values, output-major: ``[out0@c0, out0@c1, ..., out1@c0, ...]``.
@@ -66,6 +104,8 @@ def overlap(stage: nn.Module, channels: tuple[int, ...], input_channels: tuple[t
     if not (torch.is_grad_enabled() and stage.training):
         outs = _outputs(stage, stage(*(group[0] for group in groups)))
         return tuple(o for o in outs for _ in channels)
+    if checkpoint:
+        return checkpointed(_OverlapCall(stage, channels, input_channels), *inputs)
     call = _Call(stage, channels, input_channels, groups)
     params = tuple(p for p in stage.parameters() if p.requires_grad)
     copies = _Overlap.apply(call, len(params), *call.tensor_inputs, *params)
@@ -159,6 +199,18 @@ class _Call:
                 result.append(tree_unflatten([v if i is None else copies[i * k + c] for v, i in zip(flat, tensor_index)],
                                              spec))
         return tuple(result)
+
+
+class _OverlapCall(nn.Module):
+    """An overlap of ``stage`` as a module of its own, to checkpoint it as a whole."""
+
+    def __init__(self, stage: nn.Module, channels: tuple[int, ...], input_channels: tuple[tuple[int, ...], ...]):
+        super().__init__()
+        self.stage, self.channels, self.input_channels = stage, channels, input_channels
+        self.training = stage.training
+
+    def forward(self, *inputs: Any) -> tuple[Any, ...]:
+        return overlap(self.stage, self.channels, self.input_channels, *inputs)
 
 
 def _outputs(stage: nn.Module, result: Any) -> tuple[Any, ...]:

@@ -346,15 +346,15 @@ def _saved_bytes(gm: fx.GraphModule, inputs: tuple, batch: int) -> dict[str, int
 
 
 def saved_bytes_per_sample(module: nn.Module, sample_shape: tuple[int, ...]) -> int:
-    """Bytes per sample that ``module`` saves for backward in train mode (meta tensors; 0 if it
-    cannot run on them).
+    """Bytes per sample that ``module`` saves for backward in train mode, besides its input (which
+    the layer producing it usually saves already); meta tensors, 0 if it cannot run on them.
 
-    >>> saved_bytes_per_sample(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), (4,))  # x, relu(.)
-    48
+    >>> saved_bytes_per_sample(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), (4,))  # relu(.)
+    32
     """
     params, state = _meta_training_state(module)
-    counter = _SavedBytes(params.values())
     x = torch.empty(2, *sample_shape, device="meta")
+    counter = _SavedBytes([*params.values(), x])
     try:
         with training_mode(module, True), torch.enable_grad(), counter.hooks():
             functional_call(module, state, (x,))

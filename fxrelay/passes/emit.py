@@ -22,12 +22,12 @@ from ..core.channels import StageScope
 from ..core.ir import Stage
 from ..core.outputs import OutputPath, combine_heads
 from ..core.plan import Plan
-from ..core.scopes import detach, overlap
+from ..core.scopes import checkpointed, detach, overlap
 from .tracing import GeneratedCodeTracer
 
 __all__ = ["StagedModule", "staged_graph"]
 
-for _function in (combine_heads, detach, overlap):
+for _function in (checkpointed, combine_heads, detach, overlap):
     _function.__module__ = "fxrelay"  # reason: emitted code names them fxrelay_<name>; pickles import them from fxrelay
 
 
@@ -69,10 +69,9 @@ def staged_graph(plan: Plan, output_path: OutputPath) -> fx.Graph:
     for stage, scope in zip(plan.stages, plan.scopes()):
         args = [values.for_channels(name, chans) for name, chans in zip(stage.inputs, scope.input_channels)]
         if scope.overlap:
-            _emit_overlap(graph, values, stage, scope, [a for group in args for a in group])
+            _emit_overlap(graph, values, stage, scope, [a for group in args for a in group], plan.checkpoint)
         else:
-            call = graph.create_node("call_module", f"stages.{stage.name}", tuple(group[0] for group in args),
-                                     name=stage.name)
+            call = _call(graph, f"stages.{stage.name}", tuple(group[0] for group in args), stage.name, plan.checkpoint)
             outs = [call] if len(stage.outputs) == 1 else [
                 graph.create_node("call_function", operator.getitem, (call, i), name=out)
                 for i, out in enumerate(stage.outputs)]
@@ -80,9 +79,8 @@ def staged_graph(plan: Plan, output_path: OutputPath) -> fx.Graph:
                 values.plain[name] = node
                 values.per_channel.update({(name, c): node for c in scope.channels})
     head_nodes = tuple(
-        graph.create_node("call_module", f"heads.{plan.stages[h.stage].name}",
-                          (values.get(plan.stages[h.stage].outputs[-1], h.window[0]),),
-                          name=f"aux_{plan.stages[h.stage].name}")
+        _call(graph, f"heads.{plan.stages[h.stage].name}", (values.get(plan.stages[h.stage].outputs[-1], h.window[0]),),
+              f"aux_{plan.stages[h.stage].name}", plan.checkpoint)
         for h in plan.aux_heads)
     channel = plan.heads[-1].window[0] if plan.heads else None
     result = fx.node.map_arg(plan.output_node.args[0], lambda n: values.get(n.name, channel))
@@ -94,11 +92,18 @@ def staged_graph(plan: Plan, output_path: OutputPath) -> fx.Graph:
     return graph
 
 
+def _call(graph: fx.Graph, path: str, args: tuple, name: str, checkpoint: bool) -> fx.Node:
+    """A call of the submodule at ``path``, or of :func:`~fxrelay.checkpointed` on it."""
+    if not checkpoint:
+        return graph.create_node("call_module", path, args, name=name)
+    return graph.create_node("call_function", checkpointed, (graph.get_attr(path), *args), name=name)
+
+
 def _emit_overlap(graph: fx.Graph, values: "_ChannelValues", stage: Stage, scope: StageScope,
-                  flat: list[fx.Node]) -> None:
+                  flat: list[fx.Node], checkpoint: bool) -> None:
     module = graph.get_attr(f"stages.{stage.name}")
     call = graph.create_node("call_function", overlap, (module, scope.channels, scope.input_channels, *flat),
-                             name=stage.name)
+                             {"checkpoint": True} if checkpoint else {}, name=stage.name)
     for o, name in enumerate(stage.outputs):
         label = stage.name if o == len(stage.outputs) - 1 else name
         for k, c in enumerate(scope.channels):

@@ -266,8 +266,10 @@ def build_stages(index: CutIndex, bounds: list[int], transitions: list[int]) -> 
     for k, nodes in enumerate(members):
         inputs = {s.name for n in nodes for s in n.all_input_nodes
                   if s.name not in index.constants and stage_of.get(s.name, -1) != k}
+        # reason: the last output is the main one heads read: the last tensor, after sizes and ints
         outputs = sorted({n.name for n in nodes if n.name not in index.constants
-                          and any(stage_of.get(u.name, len(index.order)) != k for u in n.users)}, key=order.__getitem__)
+                          and any(stage_of.get(u.name, len(index.order)) != k for u in n.users)},
+                         key=lambda name: (info[name].shape is not None, order[name]))
         main = info[outputs[-1]] if outputs else info[nodes[-1].name]
         params = {id(p): p.numel() for n in nodes for p in owned_parameters(n, gm)}
         stages.append(Stage(

@@ -93,6 +93,7 @@ def transform(
     example_input: ExampleInput | None = None,
     num_classes: int | None = None,
     output: Union[str, int, OutputPath, None] = None,
+    checkpoint: bool = False,
     optimizer: torch.optim.Optimizer | None = None,
     tracing: TracingConfig | None = None,
     heads: Union[str, Sequence[int], None] = None,
@@ -120,6 +121,9 @@ def transform(
         output: for a model returning a dict, tuple, namedtuple or dataclass, which leaf
             is the classifier output that carries the heads: a key, an index, or a
             tuple of them (default: the only 2-D tensor leaf).
+        checkpoint: keep only the stage boundaries for backward and recompute each stage
+            and head there (stage checkpointing: gradients unchanged, one more forward,
+            far less memory; in greedy mode each stage's recompute and backward is local).
         optimizer: an optimizer already built on ``model.parameters()``: the heads'
             parameters are added to it as a new parameter group.
         tracing: the tracing configuration (see :class:`fxrelay.TracingConfig`).
@@ -153,7 +157,7 @@ def transform(
     if own:
         stage_of = {s.outputs[-1]: s.index for s in plan.stages}
         head_stages, head_kind = [stage_of[name] for name in own.values()], "model"
-    plan = dataclasses.replace(plan, mode=mode, heads=assign_heads(
+    plan = dataclasses.replace(plan, mode=mode, checkpoint=bool(checkpoint), heads=assign_heads(
         len(plan.stages), mode, window=window, head_stages=head_stages, skip_first=skip_first,
         aux_weight=aux_weight, kind=kind_name(head_kind)))
     bodies = [model.get_submodule(name) for name in own] or _new_heads(model, plan, head_kind, num_classes, path)

@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import fxrelay
 
-__all__ = ["RTOL", "original_graph", "aux_body", "is_main", "main_leaf", "head_grads", "reference_grads",
-           "one_line_grads", "assert_grads_close", "max_rel_error"]
+__all__ = ["RTOL", "original_graph", "run_stages", "stage_module", "aux_body", "is_main", "main_leaf",
+           "head_grads", "reference_grads", "one_line_grads", "max_rel_error", "assert_grads_close"]
 
 RTOL = 1e-6
 """Relative tolerance of gradient comparisons in float64."""
@@ -42,6 +42,16 @@ RTOL = 1e-6
 def original_graph(plan: fxrelay.Plan) -> fx.GraphModule:
     """The plan's original traced graph (``plan.graph``; to be renamed ``plan.graph_module``)."""
     return plan.graph
+
+
+def run_stages(plan: fxrelay.Plan, *inputs: torch.Tensor) -> Any:
+    """The plan's stages run one after the other (``plan.run_stages``; to become a function)."""
+    return plan.run_stages(*inputs)
+
+
+def stage_module(model: nn.Module, i: int) -> nn.Module:
+    """Stage ``i``'s module of a transformed model (``model.stages[i]`` after the rename)."""
+    return getattr(model.stages, str(i))
 
 
 def aux_body(model: nn.Module, k: int) -> nn.Module:
@@ -176,8 +186,9 @@ def max_rel_error(got: dict[int, torch.Tensor], want: dict[int, torch.Tensor],
 
 
 def assert_grads_close(got: dict[int, torch.Tensor], want: dict[int, torch.Tensor], model: nn.Module,
-                       rtol: float = RTOL) -> None:
+                       rtol: float = RTOL, what: str = "") -> None:
+    """Every parameter's gradient within ``rtol`` (see :func:`max_rel_error`); ``what`` prefixes the message."""
     names = {id(p): n for n, p in model.named_parameters()}
     assert got.keys() == want.keys()
     error, where = max_rel_error(got, want, names)
-    assert error <= rtol, f"gradient of {where} differs from the oracle: relative error {error:.3g} > {rtol:g}"
+    assert error <= rtol, f"{what}gradient of {where} differs from the oracle: relative error {error:.3g} > {rtol:g}"

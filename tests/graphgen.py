@@ -176,13 +176,11 @@ class _Builder:
         return [r for r in self.regs if r.kind == "tensor" and where(r)]
 
     # -- layers --------------------------------------------------------------------
-    def conv(self, src: _Reg, cout: int, k: int = 3, stride: int = 1, act: str | None = None,
-             bn: bool | None = None) -> _Reg:
-        """Conv (+ BN) (+ activation); ``act``/``bn`` are drawn when not given."""
+    def conv(self, src: _Reg, cout: int, k: int = 3, stride: int = 1, act: str | None = None) -> _Reg:
+        """Conv (+ BN, drawn) (+ activation, drawn unless ``act`` is given)."""
         i = self.fresh()
         c, h, w = src.shape
-        if bn is None:
-            bn = self.on("batchnorm") and self.draw(st.booleans())
+        bn = self.on("batchnorm") and self.draw(st.booleans())
         conv = self.module(f"conv{i}", f"nn.Conv2d({c}, {cout}, {k}, stride={stride}, padding={k // 2}, "
                                         f"bias={not bn})")
         expr = f"{conv}({src.name})"
@@ -215,8 +213,9 @@ class _Builder:
         if act in ("module", "inplace_module"):
             layer = self.module(f"act{i}", "nn.ReLU(inplace=True)" if inplace else "nn.ReLU()")
             return f"{layer}({expr})", inplace
-        return {"relu": f"F.relu({expr})", "method_": f"{expr}.relu_()",
-                "functional_inplace": f"F.relu({expr}, inplace=True)", "torch_relu_": f"torch.relu_({expr})"}[act], inplace
+        calls = {"relu": f"F.relu({expr})", "method_": f"{expr}.relu_()",
+                 "functional_inplace": f"F.relu({expr}, inplace=True)", "torch_relu_": f"torch.relu_({expr})"}
+        return calls[act], inplace
 
     def downsample(self, src: _Reg) -> _Reg:
         c, h, w = src.shape

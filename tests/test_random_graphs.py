@@ -27,13 +27,13 @@ from typing import Any, Iterator
 import pytest
 import torch
 import torch.fx as fx
-from hypothesis import event, given
+from hypothesis import event, given, note
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
 import fxrelay
-from graph_oracle import assert_grads_close, one_line_grads, reference_grads
+from graph_oracle import assert_grads_close, one_line_grads, reference_grads, run_stages
 from graphgen import FEATURES, GraphCase, build, graphs
 
 MODES = ("relay", "greedy", "deep", "standard")
@@ -114,15 +114,17 @@ def assert_outputs_close(got: Any, want: Any, rtol: float, what: str) -> None:
 def check_partition(model: nn.Module, x: torch.Tensor) -> fxrelay.Plan:
     """(a): the stages run one after the other give exactly the model's output."""
     plan = fxrelay.partition(model, example_input=x)
-    assert_outputs_close(plan.run_stages(x), model(x), 0.0, "partition: run_stages vs model")
+    assert_outputs_close(run_stages(plan, x), model(x), 0.0, "partition: run_stages vs model")
     return plan
 
 
 def check_mode(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, options: dict[str, Any]) -> None:
     """(b), (c) and (d) for one mode; leaves ``model`` in train mode."""
     transformed = fxrelay.transform(model, mode, example_input=x, **options)
+    note(f"{mode}: {fxrelay.plan_of(transformed)}")  # reason: printed with a failing example
     try:
-        assert_grads_close(one_line_grads(transformed, x, y), reference_grads(transformed, x, y), transformed)
+        assert_grads_close(one_line_grads(transformed, x, y), reference_grads(transformed, x, y), transformed,
+                           what=f"{mode}: ")
         transformed.eval()
         with torch.no_grad():
             out = transformed(x)
@@ -132,8 +134,8 @@ def check_mode(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, op
         model.train()
 
 
-def check_graph(case: GraphCase, options: dict[str, dict[str, Any]] | st.DataObject) -> None:
-    """Every check the known bugs leave for ``case``; ``options``: per mode, or drawn from a DataObject."""
+def check_graph(case: GraphCase, data: st.DataObject) -> None:
+    """Every check the known bugs leave for ``case``, with transform options drawn from ``data``."""
     broken = broken_checks(case.features)
     for check in broken:
         event(f"skipped (known bug): {check}")
@@ -141,10 +143,9 @@ def check_graph(case: GraphCase, options: dict[str, dict[str, Any]] | st.DataObj
     plan = fxrelay.partition(model, example_input=x) if "partition" in broken else check_partition(model, x)
     event(f"stages: {len(plan.stages)}")
     for mode in MODES:
-        chosen = transform_options(options, mode, len(plan.stages)) if isinstance(options, st.DataObject) \
-            else options[mode]
+        options = transform_options(data, mode, len(plan.stages))
         if mode not in broken:
-            check_mode(model, x, y, mode, chosen)
+            check_mode(model, x, y, mode, options)
 
 
 @given(case=CI_GRAPHS, data=st.data())

@@ -79,6 +79,9 @@ class GraphCase:
                   f"features {sorted(self.features)}")
         return f"\n{header}\n{self.source}"
 
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        printer.text(repr(self))  # reason: hypothesis prints dataclasses field by field otherwise
+
 
 def build(case: GraphCase) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The case's model (float64, train mode), an input batch and labels, all seeded."""

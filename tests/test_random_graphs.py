@@ -15,9 +15,9 @@ Profiles (tests/conftest.py): ``ci`` (default; 300 graphs, derandomized) and ``l
 
 :data:`KNOWN_BUGS` lists the known, not yet fixed bugs: per bug, the generator features
 that trigger it and the checks it breaks. Those checks are skipped for graphs using
-those features (a feature some bug breaks every check of is not generated, and half the
-graphs use no feature a known bug involves). After
-fixing a bug, delete its line: the suite then proves the fix on random graphs.
+those features; a feature some bug breaks every check of is not generated, and half
+the graphs use no feature a known bug involves. After fixing a bug, delete its line:
+the suite then proves the fix on random graphs.
 """
 
 from __future__ import annotations

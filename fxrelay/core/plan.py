@@ -50,6 +50,8 @@ class Plan:
             re-trace with it).
         checkpoint: the transformed model keeps only stage boundaries for backward and
             recomputes each stage and head there (``transform(checkpoint=True)``).
+        output: the keys from the model's output to the leaf that carries the heads
+            (``()``: the output is that tensor; ``("logits",)`` for a dict output).
     """
 
     graph_module: fx.GraphModule
@@ -60,6 +62,7 @@ class Plan:
     leaves: tuple[str, ...] = ()
     tracing: TracingConfig = TracingConfig()
     checkpoint: bool = False
+    output: tuple = ()
 
     @property
     def graph(self) -> fx.GraphModule:

@@ -34,7 +34,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import contextlib
 import functools
@@ -42,6 +42,7 @@ import functools
 import torch
 from torch import nn
 import torch.utils.checkpoint
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 from ._compat import tree_flatten, tree_map, tree_unflatten
 
@@ -66,19 +67,21 @@ def _recompute_contexts(module: nn.Module) -> tuple[Any, Any]:
 
 
 class _BuffersKept:
-    """Restores every buffer of a module after each block it is entered for: a recompute must not
-    update BatchNorm's running statistics a second time."""
+    """Gives a module copies of its buffers for each block it is entered for, and its own back after:
+    a recompute must not update BatchNorm's running statistics a second time (nor touch tensors a
+    graph saved)."""
 
     def __init__(self, module: nn.Module):
         self.module = module
 
     def __enter__(self) -> None:
-        self.saved = [(b, b.clone()) for b in self.module.buffers()]
+        self.kept = [(m, name, b) for m in self.module.modules() for name, b in m.named_buffers(recurse=False)]
+        for m, name, b in self.kept:
+            setattr(m, name, b.clone())
 
     def __exit__(self, *exc: Any) -> None:
-        with torch.no_grad():
-            for buffer, value in self.saved:
-                buffer.copy_(value)
+        for m, name, b in self.kept:
+            setattr(m, name, b)
 
 
 @torch.compiler.disable  # reason: its backward re-enters autograd on the stage's own graph, kept for retain_graph
@@ -175,17 +178,22 @@ class _Call:
                     self.slot_sizes.append(len(per_copy))
 
     def run(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Call the stage with ``leaves`` in the tensor slots; return its tensor outputs."""
+        """Call the stage with ``leaves`` in the tensor slots; return its tensor outputs (the first
+        run also records how the outputs are structured)."""
         it = iter(leaves)
         args = []
         for group in self.groups:
             flat, spec = tree_flatten(group[0])
             args.append(tree_unflatten([next(it) if isinstance(v, torch.Tensor) else v for v in flat], spec))
-        for out in _outputs(self.stage, self.stage(*args)):
-            flat, spec = tree_flatten(out)
-            self.output_leaves.append(flat)
-            self.output_specs.append(spec)
-        return [v for flat in self.output_leaves for v in flat if isinstance(v, torch.Tensor)]
+        flats = [tree_flatten(out) for out in _outputs(self.stage, self.stage(*args))]
+        if not self.output_specs:
+            self.output_leaves, self.output_specs = [f for f, _ in flats], [s for _, s in flats]
+        return [v for flat, _ in flats for v in flat if isinstance(v, torch.Tensor)]
+
+    def rerun(self, leaves: list[torch.Tensor], rng: "_RngState") -> list[torch.Tensor]:
+        """:meth:`run` again, drawing the same random numbers and leaving the buffers as they were."""
+        with rng.restored(leaves), _BuffersKept(self.stage):
+            return self.run(leaves)
 
     def assemble(self, copies: Sequence[torch.Tensor]) -> tuple[Any, ...]:
         """The stage outputs per channel, output-major, from the channel copies of its tensors."""
@@ -219,38 +227,89 @@ def _outputs(stage: nn.Module, result: Any) -> tuple[Any, ...]:
     return result if isinstance(output.args[0], tuple) else (result,)
 
 
+class _RngState:
+    """The CPU and accelerator random states at a stage's forward, to draw the same numbers again."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.cpu = torch.get_rng_state()
+        self.devices = get_device_states(*tensors)
+
+    @contextlib.contextmanager
+    def restored(self, tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+        devices, states = self.devices
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            set_device_states(devices, states)
+            yield
+
+
 class _Overlap(torch.autograd.Function):
     """Forward once; backward: :func:`stage_backward` with one cotangent per channel."""
 
     @staticmethod
     def forward(ctx: Any, call: _Call, n_params: int, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         copies, params = args[:len(args) - n_params], args[len(args) - n_params:]
-        leaves, i = [], 0
-        for size in call.slot_sizes:
-            group = copies[i:i + size]
-            i += size
+        leaves = []
+        for group in _slots(call, copies):
             needs_grad = any(t.requires_grad for t in group) and group[0].is_floating_point()
             leaves.append(group[0].detach().requires_grad_(needs_grad))
+        rng = _RngState(leaves)
         with torch.enable_grad():
             outs = call.run(leaves)
         # reason: saved tensors live exactly as long as the outer graph (freed by backward unless retained)
-        ctx.save_for_backward(*leaves, *outs)
-        ctx.call, ctx.n_leaves, ctx.params = call, len(leaves), params
+        ctx.save_for_backward(*copies, *leaves, *outs)
+        ctx.call, ctx.params, ctx.rng = call, params, rng
         ctx.set_materialize_grads(False)
         return tuple(o.detach() for o in outs for _ in call.channels)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         call, saved = ctx.call, ctx.saved_tensors
-        leaves, outs = saved[:ctx.n_leaves], saved[ctx.n_leaves:]
+        n_copies, n_leaves = sum(call.slot_sizes), len(call.slot_sizes)
+        copies, leaves, outs = saved[:n_copies], saved[n_copies:n_copies + n_leaves], saved[n_copies + n_leaves:]
         k = len(call.channels)
         cotangents = {c: [grads[o * k + ci] for o in range(len(outs))] for ci, c in enumerate(call.channels)}
-        param_grads, input_grads = stage_backward(outs, cotangents, ctx.params, leaves, call.slot_channels,
-                                                  create_graph=torch.is_grad_enabled())
+        if torch.is_grad_enabled():
+            param_grads, input_grads = _differentiable_backward(call, ctx.rng, copies, cotangents, ctx.params)
+        else:
+            param_grads, input_grads = stage_backward(outs, cotangents, ctx.params, leaves, call.slot_channels)
         flat = []
         for i, (chans, size) in enumerate(zip(call.slot_channels, call.slot_sizes)):
             flat += [input_grads.get((i, c)) for c in chans] if chans else [None] * size
         return (None, None, *flat, *param_grads)
+
+
+def _slots(call: _Call, copies: Sequence[torch.Tensor]) -> list[Sequence[torch.Tensor]]:
+    """The overlap's tensor inputs grouped per input slot (one copy per continuing channel)."""
+    groups, i = [], 0
+    for size in call.slot_sizes:
+        groups.append(copies[i:i + size])
+        i += size
+    return groups
+
+
+def _differentiable_backward(call: _Call, rng: _RngState, copies: Sequence[torch.Tensor],
+                             cotangents: Mapping[int, Sequence[torch.Tensor | None]],
+                             params: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+    """The backward with ``create_graph``: per channel, the stage is recomputed on that channel's own
+    input copies, so a second-order gradient reaches below the stage exactly where the channel does.
+
+    (The kept graph is not reused: a second-order backward re-enters this node's backward, which
+    must still find it.)
+    """
+    param_grads: list[torch.Tensor | None] = [None] * len(params)
+    input_grads: dict[tuple[int, int], torch.Tensor | None] = {}
+    for c, grads in cotangents.items():
+        if all(g is None for g in grads):
+            continue
+        inputs = [group[call.slot_channels[i].index(c)] if c in call.slot_channels[i] else group[0].detach()
+                  for i, group in enumerate(_slots(call, copies))]
+        outs = call.rerun(inputs, rng)
+        targets = [i for i, chans in enumerate(call.slot_channels) if c in chans and inputs[i].requires_grad]
+        vjp = _vjp(outs, [*params, *(inputs[i] for i in targets)], grads, create_graph=True)
+        param_grads = [_sum([a, b]) for a, b in zip(param_grads, vjp[:len(params)])]
+        input_grads.update({(i, c): g for i, g in zip(targets, vjp[len(params):])})
+    return tuple(param_grads), input_grads
 
 
 def _vjp(outs: Sequence[torch.Tensor], wrt: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor | None],

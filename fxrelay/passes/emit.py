@@ -20,7 +20,7 @@ from torch import nn
 from ..core._compat import rebuild_graph_module
 from ..core.channels import StageScope
 from ..core.ir import Stage
-from ..core.outputs import OutputPath, combine_heads
+from ..core.outputs import combine_heads
 from ..core.plan import Plan
 from ..core.scopes import checkpointed, detach, overlap
 from .tracing import GeneratedCodeTracer
@@ -60,7 +60,7 @@ def _unpickle(body: dict, import_block: str) -> StagedModule:
     return rebuild_graph_module(body, import_block, StagedModule)
 
 
-def staged_graph(plan: Plan, output_path: OutputPath) -> fx.Graph:
+def staged_graph(plan: Plan) -> fx.Graph:
     """The training graph: stages, gradient scopes, heads and the combined output."""
     graph = fx.Graph(tracer_cls=GeneratedCodeTracer)
     values = _ChannelValues(graph)
@@ -86,7 +86,7 @@ def staged_graph(plan: Plan, output_path: OutputPath) -> fx.Graph:
     result = fx.node.map_arg(plan.output_node.args[0], lambda n: values.get(n.name, channel))
     if head_nodes:  # reason: standard mode (no aux heads) returns exactly what the original does
         result = graph.create_node("call_function", combine_heads,
-                                   (result, head_nodes, tuple(h.weight for h in plan.heads), output_path),
+                                   (result, head_nodes, tuple(h.weight for h in plan.heads), plan.output),
                                    name="output")
     graph.output(result)
     return graph

@@ -96,9 +96,9 @@ def _describe_leaves(paths: dict) -> str:
     return ", ".join(f"{'/'.join(map(str, p)) or '(whole)'}: {shape(n)}" for p, n in paths.items())
 
 
-def num_classes_of(model: nn.Module, plan: Plan, num_classes: int | None, path: OutputPath) -> int:
+def num_classes_of(model: nn.Module, plan: Plan, num_classes: int | None) -> int:
     """The aux heads' class count: ``num_classes``, else the model's, else its classifier output's."""
-    main_classes = _main_classes(plan, path)
+    main_classes = _main_classes(plan)
     if num_classes is not None:
         if main_classes is not None and num_classes != main_classes:
             warnings.warn(f"num_classes={num_classes} gives the aux heads {num_classes} classes next to a "
@@ -114,7 +114,7 @@ def num_classes_of(model: nn.Module, plan: Plan, num_classes: int | None, path: 
                      f"{plan.stages[-1].shape}); pass num_classes=...")
 
 
-def _main_classes(plan: Plan, path: OutputPath) -> int | None:
-    node = dict(output_leaves(_output_structure(plan.output_node.args[0]))).get(path)
+def _main_classes(plan: Plan) -> int | None:
+    node = dict(output_leaves(_output_structure(plan.output_node.args[0]))).get(plan.output)
     info = node.meta.get("fxrelay") if isinstance(node, fx.Node) else None
     return info.shape[-1] if info is not None and info.shape is not None and len(info.shape) == 2 else None

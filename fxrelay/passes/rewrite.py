@@ -76,7 +76,6 @@ _STATE = "fxrelay_state"
 class _State:
     plan: Plan
     original_keys: dict[str, str]  # reason: input model's state-dict key -> transformed model's key
-    output_path: OutputPath
 
 
 def transform(
@@ -153,21 +152,21 @@ def transform(
                               tracing=config)
     with training_mode(model, False):  # reason: the inference graph; aux-logit branches stay out
         plan = partition(model, boundaries, num_stages, example_input, tracing=config, cut_after=list(own.values()))
-    path = output_path(plan, output)
+    plan = dataclasses.replace(plan, output=output_path(plan, output))
     if own:
         stage_of = {s.outputs[-1]: s.index for s in plan.stages}
         head_stages, head_kind = [stage_of[name] for name in own.values()], "model"
     plan = dataclasses.replace(plan, mode=mode, checkpoint=bool(checkpoint), heads=assign_heads(
         len(plan.stages), mode, window=window, head_stages=head_stages, skip_first=skip_first,
         aux_weight=aux_weight, kind=kind_name(head_kind)))
-    bodies = [model.get_submodule(name) for name in own] or _new_heads(model, plan, head_kind, num_classes, path)
+    bodies = [model.get_submodule(name) for name in own] or _new_heads(model, plan, head_kind, num_classes)
     plan = dataclasses.replace(plan, heads=tuple(
         h if h.is_main else dataclasses.replace(h, flops=head_flops(body, plan.stages[h.stage].shape),
                                                 layers=describe_head(body),
                                                 saved_bytes=saved_bytes_per_sample(body, plan.stages[h.stage].shape))
         for h, body in zip(plan.heads, [*bodies, None])))
     _warn_degenerate(plan, mode, window, explicit=not isinstance(head_stages, str))
-    transformed = _build(model, plan, [AuxHead(b) for b in bodies], path)
+    transformed = _build(model, plan, [AuxHead(b) for b in bodies])
     if optimizer is not None:
         optimizer.add_param_group({"params": head_parameters(transformed)})
     return transformed
@@ -226,18 +225,18 @@ def _warn_degenerate(plan: Plan, mode: str, window: int, explicit: bool) -> None
                       f"gradient ({hint})", UserWarning, stacklevel=3)
 
 
-def _new_heads(model: nn.Module, plan: Plan, kind: Union[str, HeadFactory], num_classes: int | None,
-               path: OutputPath) -> list[nn.Module]:
+def _new_heads(model: nn.Module, plan: Plan, kind: Union[str, HeadFactory], num_classes: int | None
+               ) -> list[nn.Module]:
     """One new head per aux head of ``plan``, on the model's device and dtype."""
     if not plan.aux_heads:
         return []
-    classes = num_classes_of(model, plan, num_classes, path)
+    classes = num_classes_of(model, plan, num_classes)
     p = next(model.parameters(), None)
     placement = {"device": p.device, "dtype": p.dtype} if p is not None else {}
     return [make_head(kind, plan.stages[h.stage].shape, classes).to(**placement) for h in plan.aux_heads]
 
 
-def _build(model: nn.Module, plan: Plan, head_modules: list[nn.Module], path: OutputPath) -> StagedModule:
+def _build(model: nn.Module, plan: Plan, head_modules: list[nn.Module]) -> StagedModule:
     root = nn.Module()
     root.stages = ModuleSeq({s.name: m for s, m in zip(plan.stages, split_stages(plan))})
     root.heads = ModuleSeq({plan.stages[h.stage].name: m for h, m in zip(plan.aux_heads, head_modules)})
@@ -248,9 +247,9 @@ def _build(model: nn.Module, plan: Plan, head_modules: list[nn.Module], path: Ou
         for i, (key, value) in enumerate(unused.items()):
             root.unused_state.register_buffer(f"t{i}", value.detach())
             keys[key] = f"unused_state.t{i}"
-    gm = StagedModule(root, staged_graph(plan, path), f"{type(model).__name__}_{plan.mode}")
+    gm = StagedModule(root, staged_graph(plan), f"{type(model).__name__}_{plan.mode}")
     gm.train(model.training)
-    state = _State(plan, keys, path)
+    state = _State(plan, keys)
     setattr(gm, _STATE, state)
     gm.meta[USER_PRESERVED_ATTRIBUTES_KEY] = {_STATE: state}
     watch_heads(gm)

@@ -13,11 +13,9 @@ heads and skip_first:
 Profiles (tests/conftest.py): ``ci`` (default; 300 graphs, derandomized) and ``long``
 (5,000 graphs; ``--hypothesis-profile=long`` or ``FXRELAY_HYPOTHESIS_PROFILE=long``).
 
-:data:`KNOWN_BUGS` lists the known, not yet fixed bugs: per bug, the generator features
-that trigger it and the checks it breaks. Those checks are skipped for graphs using
-those features; a feature some bug breaks every check of is not generated, and half
-the graphs use no feature a known bug involves. After fixing a bug, delete its line:
-the suite then proves the fix on random graphs.
+The suite found five bug classes before they were fixed (issue 10 bugs 1, 2, 3, 7 and a
+size as a stage's last output); tests/test_reliability.py keeps a named regression test
+for each.
 """
 
 from __future__ import annotations
@@ -37,21 +35,7 @@ from graph_oracle import assert_grads_close, one_line_grads, reference_grads, ru
 from graphgen import FEATURES, GraphCase, build, graphs
 
 MODES = ("relay", "greedy", "deep", "standard")
-CHECKS = ("partition", *MODES)
-"""``partition`` is check (a); a mode name stands for checks (b), (c) and (d) in that mode."""
-
-KNOWN_BUGS: dict[str, tuple[set[str], set[str]]] = {}  # bug: (features triggering it, checks it breaks)
-
-
-def broken_checks(features: frozenset[str]) -> frozenset[str]:
-    """The checks a graph with ``features`` cannot pass until the known bugs are fixed."""
-    return frozenset(c for triggers, checks in KNOWN_BUGS.values() if triggers & features for c in checks)
-
-
-CI_FEATURES = FEATURES - {f for f in FEATURES if broken_checks(frozenset({f})) >= set(CHECKS)}
-CLEAN_FEATURES = FEATURES - {f for triggers, _ in KNOWN_BUGS.values() for f in triggers}
-CI_GRAPHS = graphs(CLEAN_FEATURES) | graphs(CI_FEATURES)
-"""Half the graphs avoid every known bug (all checks run), half use what the known bugs leave checkable."""
+CI_GRAPHS = graphs(FEATURES)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -124,17 +108,12 @@ def check_mode(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, op
 
 
 def check_graph(case: GraphCase, data: st.DataObject) -> None:
-    """Every check the known bugs leave for ``case``, with transform options drawn from ``data``."""
-    broken = broken_checks(case.features)
-    for check in broken:
-        event(f"skipped (known bug): {check}")
+    """Every check for ``case``, with transform options drawn from ``data``."""
     model, x, y = build(case)
-    plan = fxrelay.partition(model, example_input=x) if "partition" in broken else check_partition(model, x)
+    plan = check_partition(model, x)
     event(f"stages: {len(plan.stages)}")
     for mode in MODES:
-        options = transform_options(data, mode, len(plan.stages))
-        if mode not in broken:
-            check_mode(model, x, y, mode, options)
+        check_mode(model, x, y, mode, transform_options(data, mode, len(plan.stages)))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # reason: random graphs hit every warned-about corner

@@ -204,3 +204,14 @@ def test_gradient_accumulation_sums_microbatches():
         want = [w + g for w, g in zip(want, _grads(ref))]
     _assert_same(accumulated, want)
 
+
+
+def test_torch_func_grad_is_refused_not_wrong():
+    chain = Chain()
+    for block in chain.blocks:
+        block[1] = nn.Identity()  # reason: BatchNorm's buffer updates are refused by torch.func on their own
+    x, y = _data()
+    model = fxrelay.transform(chain.double(), "greedy", example_input=x[:1])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="torch.func transforms .* use torch.autograd.grad"):
+        torch.func.grad(lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y))(params)

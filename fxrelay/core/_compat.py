@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
     "ASSERT_IS_NONE", "BatchNormBase", "DropoutBase", "TORCH_ASSERT", "TorchDispatchMode",
-    "USER_PRESERVED_ATTRIBUTES_KEY", "autowrap", "disabled_torch_function", "make_wrapper_subclass",
+    "USER_PRESERVED_ATTRIBUTES_KEY", "autowrap", "disabled_torch_function", "functorch_active", "make_wrapper_subclass",
     "rebuild_graph_module",
     "tree_flatten", "tree_map", "tree_unflatten",
 ]
@@ -24,6 +24,7 @@ BatchNormBase = nn.modules.batchnorm._BatchNorm
 DropoutBase = nn.modules.dropout._DropoutNd
 USER_PRESERVED_ATTRIBUTES_KEY = _USER_PRESERVED_ATTRIBUTES_KEY
 disabled_torch_function = torch._C.DisableTorchFunctionSubclass
+functorch_active = torch._C._are_functorch_transforms_active
 ASSERT_IS_NONE = fx._symbolic_trace._assert_is_none  # reason: the guard fx adds for a ``concrete_args`` None
 TORCH_ASSERT = torch._assert
 

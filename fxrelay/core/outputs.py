@@ -35,7 +35,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._compat import disabled_torch_function, make_wrapper_subclass, tree_flatten, tree_map, tree_unflatten
+from ._compat import disabled_torch_function, functorch_active, make_wrapper_subclass, tree_flatten, tree_map, \
+    tree_unflatten
 
 __all__ = ["HeadOutputs", "head_outputs", "head_losses", "combine_heads", "OutputPath", "output_leaves",
            "replace_leaf"]
@@ -200,6 +201,10 @@ def combine_heads(output: Any, aux: tuple, weights: tuple[float, ...], path: Out
     heads did not run (eval mode)."""
     if any(a is None for a in aux):
         return output
+    if functorch_active():
+        raise RuntimeError("torch.func transforms (grad, vmap, jacrev) do not see the aux heads of a model made by "
+                           "fxrelay.transform, so its gradients would be wrong: use torch.autograd.grad or "
+                           "loss.backward() (torch.func.functional_call alone is fine)")
     return replace_leaf(output, path, lambda main: HeadOutputs.of([*aux, main], weights))
 
 

@@ -211,7 +211,7 @@ def test_torch_func_grad_is_refused_not_wrong():
     for block in chain.blocks:
         block[1] = nn.Identity()  # reason: BatchNorm's buffer updates are refused by torch.func on their own
     x, y = _data()
-    model = fxrelay.transform(chain.double(), "greedy", example_input=x[:1])
+    model = fxrelay.transform(chain.double(), "greedy", example_input=x[:1], head_kind="linear")
     params = {k: v.detach() for k, v in model.named_parameters()}
     with pytest.raises(RuntimeError, match="torch.func transforms .* use torch.autograd.grad"):
         torch.func.grad(lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y))(params)

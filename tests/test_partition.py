@@ -284,3 +284,13 @@ def test_pool_plan_reductions_equal_timm_feature_info(name):
     model = timm.create_model(name).eval()
     plan = fxrelay.partition(model, boundaries="pool", example_input=torch.randn(1, 3, 96, 96))
     assert [s.reduction for s in plan.stages] == [f["reduction"] for f in model.feature_info]
+
+
+def test_balance_by_memory_splits_where_activations_are_largest():
+    model = torchvision.models.resnet50()
+    by_flops = fxrelay.partition(model, num_stages=8, example_input=SMALL)
+    by_memory = fxrelay.partition(model, num_stages=8, balance="memory", example_input=SMALL)
+    assert len(by_memory.stages) == len(by_flops.stages) == 8
+    assert max(s.saved_bytes for s in by_memory.stages) < 0.6 * max(s.saved_bytes for s in by_flops.stages)
+    with pytest.raises(ValueError, match="balance must be one of flops, memory, got 'mem'.*did you mean 'memory'"):
+        fxrelay.partition(model, balance="mem", example_input=SMALL)

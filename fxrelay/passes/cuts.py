@@ -93,9 +93,11 @@ class CutIndex:
             common += 1
         return common
 
-    def cost(self, i: int) -> int:
-        """FLOPs of ``order[i]``, plus one so that node counts break all-zero ties."""
-        return self.analysis.info[self.order[i].name].flops + 1
+    def cost(self, i: int, balance: str = "flops") -> int:
+        """What ``order[i]`` costs when stages are balanced by ``balance`` (``"flops"``, or ``"memory"``:
+        bytes saved for backward), plus one so that node counts break all-zero ties."""
+        info = self.analysis.info[self.order[i].name]
+        return (info.flops if balance == "flops" else info.saved_bytes) + 1
 
 
 def cut_index(gm: fx.GraphModule, analysis: Analysis) -> CutIndex:

@@ -44,9 +44,10 @@ from .cuts import CutIndex, cut_index, prefix_sums
 from .tracing import ExampleInput, as_inputs, check_module, default_example_input, did_you_mean, module_path, \
     trace, tracing_config
 
-__all__ = ["partition", "plan_stages", "BOUNDARIES", "pool_cut_key", "stage_names"]
+__all__ = ["partition", "plan_stages", "BOUNDARIES", "BALANCES", "pool_cut_key", "stage_names"]
 
 BOUNDARIES = ("auto", "pool", "blocks")
+BALANCES = ("flops", "memory")
 _DEFAULT_BLOCKS = 4
 _NEAR_MIDDLE = 0.15
 _SUBSTANTIAL = 10  # reason: a stage closes after at least 1/10 of its level's FLOPs
@@ -58,6 +59,7 @@ def partition(
     num_stages: int | None = None,
     example_input: ExampleInput | None = None,
     *,
+    balance: str = "flops",
     tracing: TracingConfig | None = None,
     leaf_modules: Iterable[type] = (),
     autowrap_functions: Iterable[Callable] = (),
@@ -73,6 +75,9 @@ def partition(
             downsamples at least twice, else ``"blocks"``).
         num_stages: the number of stages wanted: adjacent stages are merged (cheapest
             pair first) or the most expensive ones split at single-tensor cuts to reach it.
+        balance: what "expensive" means for merging and splitting: ``"flops"`` (even
+            compute, e.g. for stage-parallel training) or ``"memory"`` (even bytes saved
+            for backward: the smallest peak for local execution).
         example_input: an input of the size the model is used at (default:
             :func:`fxrelay.default_example_input`, the size the model declares).
         tracing: the tracing configuration (see :class:`fxrelay.TracingConfig`).
@@ -94,6 +99,8 @@ def partition(
     if boundaries not in BOUNDARIES:
         raise ValueError(f"boundaries must be one of {', '.join(BOUNDARIES)}, got {boundaries!r}"
                          f"{did_you_mean(boundaries, BOUNDARIES)}")
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}{did_you_mean(balance, BALANCES)}")
     config = tracing_config(tracing, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     assumed = example_input is None
     if assumed:
@@ -108,7 +115,7 @@ def partition(
                          f"{tuple(example_input.shape)} ({_first_line(e)}); pass example_input= with an input "
                          "of the size the model is used at") from None
     _warn_collapsed_maps(gm, analysis, example_input)
-    return plan_stages(gm, analysis, boundaries, num_stages, cut_after, tracing=config)
+    return plan_stages(gm, analysis, boundaries, num_stages, cut_after, balance=balance, tracing=config)
 
 
 def _warn_collapsed_maps(gm: fx.GraphModule, analysis: Analysis, example_input: ExampleInput) -> None:
@@ -133,7 +140,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def plan_stages(gm: fx.GraphModule, analysis: Analysis, boundaries: str = "auto",
-                num_stages: int | None = None, cut_after: Sequence[str] = (), *,
+                num_stages: int | None = None, cut_after: Sequence[str] = (), *, balance: str = "flops",
                 tracing: TracingConfig = TracingConfig()) -> Plan:
     """The pure heart of :func:`partition`: stages of an analysed graph."""
     index = cut_index(gm, analysis)
@@ -148,7 +155,7 @@ def plan_stages(gm: fx.GraphModule, analysis: Analysis, boundaries: str = "auto"
                          f"(boundaries={boundaries!r}), got {num_stages}")
     wanted = num_stages if num_stages is not None else (None if boundaries == "pool" else min(_DEFAULT_BLOCKS, most))
     if wanted is not None:
-        chosen = resize(index, chosen, wanted, cuts)
+        chosen = resize(index, chosen, wanted, cuts, balance)
     chosen = sorted(set(chosen) | {index.position[name] + 1 for name in cut_after})
     stages = build_stages(index, chosen, transitions)
     return Plan(graph_module=gm, stages=stages, boundaries=boundaries, leaves=gm.meta.get("fxrelay_leaves", ()),
@@ -206,12 +213,12 @@ def pool_cut_key(index: CutIndex, b: int, enclosing: set[int]) -> tuple:
     return c.tensors[b], c.values[b], b not in enclosing, c.numel[b], -b
 
 
-def resize(index: CutIndex, chosen: list[int], wanted: int, cuts: set[int]) -> list[int]:
-    """Merge the cheapest adjacent stages or split the most expensive to ``wanted``.
+def resize(index: CutIndex, chosen: list[int], wanted: int, cuts: set[int], balance: str = "flops") -> list[int]:
+    """Merge the cheapest adjacent stages or split the most expensive to ``wanted``, by ``balance``.
 
     A split never leaves a stage without FLOPs (a bare activation between two layers).
     """
-    prefix = prefix_sums([0] + [index.cost(i) for i in range(len(index.order))])
+    prefix = prefix_sums([0] + [index.cost(i, balance) for i in range(len(index.order))])
     flops = _flops_prefix(index)
     bounds = sorted(chosen)
     while len(bounds) + 1 > wanted:

@@ -89,6 +89,7 @@ def transform(
     skip_first: int = 2,
     boundaries: str = "auto",
     num_stages: int | None = None,
+    balance: str = "flops",
     example_input: ExampleInput | None = None,
     num_classes: int | None = None,
     output: Union[str, int, OutputPath, None] = None,
@@ -115,7 +116,7 @@ def transform(
             ``factory(feature_shape, num_classes)``.
         aux_weight: loss weight of every aux head (the main head has weight 1).
         skip_first: stages without an aux head at the bottom (Relay BP: 2).
-        boundaries, num_stages, example_input: passed to :func:`fxrelay.partition`.
+        boundaries, num_stages, balance, example_input: passed to :func:`fxrelay.partition`.
         num_classes: classes of the aux heads (default: the model's classifier's).
         output: for a model returning a dict, tuple, namedtuple or dataclass, which leaf
             is the classifier output that carries the heads: a key, an index, or a
@@ -151,7 +152,8 @@ def transform(
         own = model_aux_heads(model, default_example_input(model) if example_input is None else example_input,
                               tracing=config)
     with training_mode(model, False):  # reason: the inference graph; aux-logit branches stay out
-        plan = partition(model, boundaries, num_stages, example_input, tracing=config, cut_after=list(own.values()))
+        plan = partition(model, boundaries, num_stages, example_input, balance=balance, tracing=config,
+                         cut_after=list(own.values()))
     plan = dataclasses.replace(plan, output=output_path(plan, output))
     if own:
         stage_of = {s.outputs[-1]: s.index for s in plan.stages}

@@ -143,9 +143,11 @@ def assign_heads(num_stages: int, mode: str, *, window: int = 2, head_stages: Un
 def _aux_stages(num_stages: int, mode: str, head_stages: Union[str, Sequence[int]], skip_first: int) -> list[int]:
     if mode == "standard":
         return []
-    if isinstance(head_stages, str):
+    if head_stages == "auto":
         first = 0 if mode == "greedy" else skip_first
         return list(range(first, num_stages - 1))
+    if isinstance(head_stages, str):  # reason: "model" is resolved to stage indices by transform
+        raise ValueError(f"head_stages must be 'auto' or a list of stage indices here, got {head_stages!r}")
     chosen = sorted(set(head_stages))
     bad = [h for h in chosen if not 0 <= h < num_stages - 1]
     if bad:

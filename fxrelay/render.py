@@ -14,7 +14,10 @@ Two levels of detail:
 * ``level="node"``: the fx nodes inside one cluster per stage; modules deeper than
   ``depth`` are collapsed into one box labelled with the module path and op count.
 
-Both levels draw every stage as a ``cluster_stage_<i>`` subgraph and end with a legend.
+Both levels draw every stage as a ``cluster_stage_<i>`` subgraph and end with a legend
+headed by the model's name (``title=``, e.g. the name it was created by). Drawn from a
+transformed model, an aux head's box says what was built (``conv1x1-BN-ReLU-pool2x2-linear``)
+and its cost. PNGs are rendered at :data:`PNG_DPI`, crisp at twice the size.
 
 Example:
     >>> import torchvision, fxrelay
@@ -39,10 +42,11 @@ from torch import nn
 from .partition import partition
 from .plan import Head, Plan, Stage, _si
 
-__all__ = ["render", "render_graph", "as_plan", "GraphvizNotFound", "LEVELS", "DEFAULT_DEPTH"]
+__all__ = ["render", "render_graph", "as_plan", "GraphvizNotFound", "LEVELS", "DEFAULT_DEPTH", "PNG_DPI"]
 
 LEVELS = ("stage", "node")
 DEFAULT_DEPTH = 2
+PNG_DPI = 192  # reason: graphviz's 96 dpi default blurs text on 2x (HiDPI) screens
 _FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf", ".dot": None, ".gv": None}
 _LOSS_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
                  "#7f7f7f")
@@ -57,6 +61,15 @@ class GraphvizNotFound(RuntimeError):
     """The graphviz ``dot`` program is missing: only ``.dot`` files can be written."""
 
 
+def _head_bodies(model_or_plan: Plan | nn.Module, plan: Plan) -> dict[int, nn.Module]:
+    """The built classifier of each aux head, by ``head.index`` (none when drawing a bare Plan)."""
+    heads = getattr(model_or_plan, "heads", None)
+    if not isinstance(model_or_plan, nn.Module) or not isinstance(heads, nn.Module):
+        return {}
+    aux = [h for h in plan.heads if h.kind != "main"]
+    return {h.index: getattr(heads, str(k)).body for k, h in enumerate(aux)}
+
+
 def render(
     model_or_plan: Plan | nn.Module,
     path: str | Path,
@@ -64,6 +77,7 @@ def render(
     depth: int | None = DEFAULT_DEPTH,
     *,
     example_input: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    title: str | None = None,
 ) -> Path:
     """Draw a Plan, or the plan of a model, to an ``.svg``, ``.png``, ``.pdf`` or ``.dot`` file.
 
@@ -76,6 +90,7 @@ def render(
         depth: for ``level="node"``, modules nested deeper than this are drawn as one
             box; ``None`` draws every fx node.
         example_input: passed to :func:`fxrelay.partition` for plain models.
+        title: the model's name in the legend (default: its class name).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -93,8 +108,11 @@ def render(
     path = Path(path)
     if path.suffix.lower() not in _FORMATS:
         raise ValueError(f"cannot tell the format of {str(path)!r}: use one of {', '.join(_FORMATS)}")
-    graph = render_graph(as_plan(model_or_plan, example_input), level, depth)
+    plan = as_plan(model_or_plan, example_input)
+    graph = render_graph(plan, level, depth, title=title, head_bodies=_head_bodies(model_or_plan, plan))
     fmt = _FORMATS[path.suffix.lower()]
+    if fmt == "png":
+        graph.graph_attr["dpi"] = str(PNG_DPI)
     if fmt is None:
         path.write_text(graph.source, encoding="utf-8")
         return path
@@ -131,13 +149,17 @@ def as_plan(model_or_plan: Plan | nn.Module,
     return partition(model_or_plan, example_input=example_input)
 
 
-def render_graph(plan: Plan, level: str = "stage", depth: int | None = DEFAULT_DEPTH) -> graphviz.Digraph:
+def render_graph(plan: Plan, level: str = "stage", depth: int | None = DEFAULT_DEPTH, *, title: str | None = None,
+                 head_bodies: dict[int, nn.Module] | None = None) -> graphviz.Digraph:
     """The graphviz drawing of ``plan`` (pure: nothing is written or run).
 
     Args:
         plan: the Plan to draw, with or without heads.
         level: ``"stage"`` or ``"node"``.
         depth: for ``level="node"``, the module depth below which modules collapse.
+        title: the model's name (default: ``plan.model_name``, its class name).
+        head_bodies: the built module of aux heads, by head index: their boxes then say
+            what they are made of and their parameters.
 
     Returns:
         A ``graphviz.Digraph``: clusters ``cluster_stage_<i>``, nodes ``stage_<i>``
@@ -159,21 +181,22 @@ def render_graph(plan: Plan, level: str = "stage", depth: int | None = DEFAULT_D
         raise ValueError(f"depth must be None or at least 1 (level='stage' draws one box per stage), got {depth}")
     stage_of = _stage_of(plan)
     box_of = _stage_boxes(plan, stage_of) if level == "stage" else _node_boxes(plan, stage_of, depth)
-    graph = graphviz.Digraph(plan.model_name, graph_attr=_GRAPH_ATTR, node_attr=_NODE_ATTR, edge_attr=_EDGE_ATTR)
+    title = title or plan.model_name
+    graph = graphviz.Digraph(title, graph_attr=_GRAPH_ATTR, node_attr=_NODE_ATTR, edge_attr=_EDGE_ATTR)
     for name in plan.input_names:
         graph.node(f"input_{name}", f"input {name}\n{_shape_text(plan, name)}", shape="oval", style="solid")
     for stage in plan.stages:
         with graph.subgraph(name=f"cluster_stage_{stage.index}") as cluster:
             if level == "stage":
-                _draw_stage_row(cluster, plan, stage, box_of)
+                _draw_stage_row(cluster, plan, stage, box_of, head_bodies or {})
             else:
-                _draw_stage_nodes(cluster, plan, stage, box_of)
+                _draw_stage_nodes(cluster, plan, stage, box_of, head_bodies or {})
     if level == "stage":
         _draw_windows(graph, plan)
     graph.node("output", "output", shape="oval", style="solid")
     for tail, head, tensor, stops in _edges(plan, stage_of, box_of, labelled=level == "stage"):
         _draw_edge(graph, tail, head, tensor, stops)
-    graph.node("legend", _legend(plan), shape="plain", style="solid")
+    graph.node("legend", _legend(plan, title), shape="plain", style="solid")
     graph.edge("output", "legend", style="invis")
     return graph
 
@@ -265,7 +288,8 @@ def _trains(head: Head, stage: int) -> bool:
     return head.window[0] <= stage <= head.window[1]
 
 
-def _draw_stage_row(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dict[str, str]) -> None:
+def _draw_stage_row(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dict[str, str],
+                    head_bodies: dict[int, nn.Module]) -> None:
     """Stage level: one row holding a window chip per loss, the stage box and its heads."""
     cluster.attr(label="", style="rounded", color="#d0d0d0")
     with cluster.subgraph() as row:
@@ -278,7 +302,7 @@ def _draw_stage_row(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of:
         for left, right in zip(chips, chips[1:] + [f"stage_{stage.index}"]):  # reason: L0 leftmost, then L1...
             row.edge(left, right, style="invis")
         row.node(f"stage_{stage.index}", f"<{_stage_text(plan, stage)}>", style="rounded,filled", fillcolor="#f4f4f4")
-        _draw_heads(row, plan, stage, box_of)
+        _draw_heads(row, plan, stage, box_of, head_bodies)
 
 
 def _stage_text(plan: Plan, stage: Stage) -> str:
@@ -300,7 +324,8 @@ def _draw_windows(graph: graphviz.Digraph, plan: Plan) -> None:
                        penwidth="5", color=_loss_colour(head))
 
 
-def _draw_stage_nodes(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dict[str, str]) -> None:
+def _draw_stage_nodes(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dict[str, str],
+                      head_bodies: dict[int, nn.Module]) -> None:
     """Node level: the stage's fx nodes, collapsed into module boxes where ``box_of`` says."""
     members: dict[str, list[str]] = {}
     for name in filter(box_of.__contains__, stage.nodes):
@@ -318,7 +343,7 @@ def _draw_stage_nodes(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_o
                      style="rounded,filled", fillcolor="white")
     with cluster.subgraph() as beside:  # reason: heads sit level with the output they read
         beside.attr(rank="same")
-        _draw_heads(beside, plan, stage, box_of)
+        _draw_heads(beside, plan, stage, box_of, head_bodies)
 
 
 def _group_label(plan: Plan, box: str, names: list[str]) -> str:
@@ -341,15 +366,42 @@ def _node_label(plan: Plan, name: str) -> str:
             f"<FONT POINT-SIZE=\"8\">{html.escape(op)} · {_shape_text(plan, name)}</FONT>>")
 
 
-def _draw_heads(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dict[str, str]) -> None:
+def _draw_heads(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dict[str, str],
+                head_bodies: dict[int, nn.Module]) -> None:
     """Each head reading ``stage``, beside it, fed by the stage's main output."""
     main_output = (stage.outputs or stage.nodes)[-1]
     for head in (h for h in plan.heads if h.stage == stage.index):
         colour = _loss_colour(head)
-        cluster.node(f"head_{head.index}", f"<<B>head {head.index}</B> · {html.escape(head.kind)}<BR/>"
-                                           f"w={head.weight:g} → L{head.index}>",
+        cluster.node(f"head_{head.index}", f"<{_head_text(head, head_bodies.get(head.index))}>",
                      color=colour, penwidth="2", style="rounded,filled", fillcolor="white")
         cluster.edge(box_of[main_output], f"head_{head.index}", color=colour, style="dashed")
+
+
+def _head_text(head: Head, body: nn.Module | None) -> str:
+    """``head 0 · auto: conv1x1-BN-ReLU-pool2x2-linear``, then its params and FLOPs, weight and loss, as HTML."""
+    built = f": {_layers(body)}" if body is not None else ""
+    cost = f"{_si(sum(p.numel() for p in body.parameters()))} params · " if body is not None else ""
+    cost += f"{_si(head.flops)} FLOPs · " if head.flops else ""
+    return (f"<B>head {head.index}</B> · {html.escape(head.kind + built)}<BR/>"
+            f"<FONT POINT-SIZE=\"9\">{cost}w={head.weight:g} → L{head.index}</FONT>")
+
+
+def _layers(module: nn.Module) -> str:
+    """The leaf modules of a head in order, briefly: ``conv1x1-BN-ReLU-pool2x2-linear``."""
+    leaves = [m for m in module.modules() if not list(m.children())] or [module]
+    return "-".join(name for name in map(_layer_name, leaves) if name)
+
+
+def _layer_name(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        return "conv" + "x".join(map(str, module.kernel_size))
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        size = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
+        return "pool" if size == (1, 1) else "pool" + "x".join(map(str, size))
+    if isinstance(module, (nn.Flatten, nn.Identity)):
+        return ""
+    short = {nn.BatchNorm1d: "BN", nn.BatchNorm2d: "BN", nn.LayerNorm: "LN", nn.Linear: "linear"}
+    return short.get(type(module), type(module).__name__.lstrip("_"))
 
 
 def _edges(plan: Plan, stage_of: dict[str, int], box_of: dict[str, str],
@@ -393,10 +445,10 @@ def _draw_edge(graph: graphviz.Digraph, tail: str, head: str, label: str, stops:
     graph.edge(scope, head, color=_SCOPE_COLOUR, arrowhead="teenormal")
 
 
-def _legend(plan: Plan) -> str:
+def _legend(plan: Plan, title: str) -> str:
     """HTML table: the model, then one row per loss (its colour, head and window)."""
     total_flops = sum(s.flops for s in plan.stages)
-    rows = [f"<TR><TD COLSPAN=\"2\"><B>{html.escape(plan.model_name)}</B> · mode={plan.mode} · "
+    rows = [f"<TR><TD COLSPAN=\"2\"><B>{html.escape(title)}</B> · mode={plan.mode} · "
             f"{len(plan.stages)} stages · {_si(sum(p.numel() for p in plan.graph.parameters()))} params · "
             f"{total_flops / 1e9:.3g} GFLOPs/sample</TD></TR>"]
     for head in plan.heads:

@@ -215,3 +215,11 @@ def test_zoo_sweep_unknown_family_is_one_line_exit_2(tmp_path):
     result = run(str(ROOT / "examples" / "zoo_sweep.py"), "--families", "resnet,vitt", "--out", str(out), module="")
     err = assert_one_line_error(result, 2, "zoo_sweep.py: error: unknown family 'vitt'; did you mean ")
     assert "vit" in re.split(r"[ ,?]+", err) and not out.exists()
+
+
+def test_ci_runs_the_readme_test_command():
+    blocks = re.findall(r"```sh\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    demo, tests = (next(b for b in blocks if b.endswith(end)) for end in (" fxrelay demo", " python -m pytest -q"))
+    assert (ROOT / ".ci" / "run").read_text().splitlines()[-1] == tests
+    assert demo.removesuffix("fxrelay demo") == tests.removesuffix("python -m pytest -q")
+    assert "python3 -m venv" in tests and ". .venv/bin/activate" in tests  # reason: PEP 668 (Debian 12/13)

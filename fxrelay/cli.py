@@ -269,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"fxrelay {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fxrelay {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001  (reason: the command line promises one-line errors)
         if args.traceback:
             raise

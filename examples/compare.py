@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import fxrelay  # noqa: E402
-from fxrelay.apps.cli import load_model  # noqa: E402
+from fxrelay.apps.zoo import load_model  # noqa: E402
 from fxrelay.train.loop import Recipe, fit  # noqa: E402
 
 MODES = ("standard", "deep", "relay", "greedy")

@@ -36,7 +36,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, random_split
 
 import fxrelay
-from fxrelay.apps.cli import UsageError, load_model
+from fxrelay.apps.cli import UsageError
+from fxrelay.apps.zoo import load_model
 from fxrelay.train.loop import History, Recipe, Trainer, evaluate, load_checkpoint, no_weight_decay_names
 
 DEFAULT_EPOCHS = 5

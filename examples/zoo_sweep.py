@@ -15,8 +15,13 @@ A check is a function ``check(ctx) -> dict`` of CSV columns; it may leave values
 render, ...) append a function to ``CHECKS``. The first check that raises ends the
 model's row with ``failed_at`` and ``reason``.
 
+Families are timm's model modules (``resnet``, ``vision_transformer``) and torchvision's
+(``tv:resnet``); ``--families`` also takes the aliases in :data:`ALIASES` (``vit``,
+``tv:vit``, ``swin``, ...) and model names (``resnet50``, ``tv:vgg11``: that model's family).
+``--list-families`` prints them all.
+
 Example:
-    $ python examples/zoo_sweep.py --families resnet,vgg,tv:resnet --out out/zoo_small.csv
+    $ python examples/zoo_sweep.py --families resnet,vit,tv:vgg --out out/zoo_small.csv
     $ python examples/zoo_sweep.py                # everything, ~15 min on 2 cores
 """
 
@@ -27,6 +32,7 @@ import collections
 import copy
 import csv
 import dataclasses
+import difflib
 import os
 import re
 import signal
@@ -41,11 +47,18 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 import fxrelay
-from fxrelay.apps.cli import example_input, load_model
+from fxrelay.apps.zoo import TORCHVISION_PREFIX, example_input, load_model
 
 MAX_SIZE = 224
 TOLERANCE = 1e-4
 TIMEOUT_S = 240
+ALIASES = {  # reason: the short names people use for the families whose module name is long
+    "vit": "vision_transformer", "swin": "swin_transformer", "swinv2": "swin_transformer_v2",
+    "mixer": "mlp_mixer", "effnet": "efficientnet", "mobilenet": "mobilenetv3", "regnety": "regnet",
+    "inception": "inception_v3",
+}
+TORCHVISION_ALIASES = {"vit": "vision_transformer", "swin": "swin_transformer", "effnet": "efficientnet",
+                       "mobilenet": "mobilenetv3", "shufflenet": "shufflenetv2"}
 _SIZE_WORDS = ("atto", "femto", "pico", "nano", "xxxs", "xxs", "xs", "tiny", "t", "mini", "small", "s")
 
 
@@ -164,15 +177,20 @@ CHECKS: list[Callable[[Context], dict[str, Any]]] = [
 ]
 
 
-def timm_cases(wanted: set[str] | None = None) -> list[Case]:
-    """The smallest model (by parameter count) of every timm architecture module (or of those ``wanted``)."""
+def timm_families() -> dict[str, list[str]]:
+    """timm's architecture modules and their model names."""
     import timm
     from timm.models._registry import _model_to_module
 
     families = collections.defaultdict(list)
     for name in timm.list_models():
         families[_model_to_module[name]].append(name)
-    return [Case("timm", family, _smallest_timm(names)) for family, names in sorted(families.items())
+    return dict(sorted(families.items()))
+
+
+def timm_cases(wanted: set[str] | None = None) -> list[Case]:
+    """The smallest model (by parameter count) of every timm architecture module (or of those ``wanted``)."""
+    return [Case("timm", family, _smallest_timm(names)) for family, names in timm_families().items()
             if wanted is None or family in wanted]
 
 
@@ -200,15 +218,20 @@ def _meta_param_count(name: str) -> float:
         return float("inf")
 
 
-def torchvision_cases(wanted: set[str] | None = None) -> list[Case]:
-    """The smallest classification model of every torchvision model module (or of those ``wanted``)."""
+def torchvision_families() -> dict[str, list[str]]:
+    """torchvision's classification model modules and their model names (without ``tv:``)."""
     import torchvision.models as tvm
 
     families = collections.defaultdict(list)
     for name in tvm.list_models(module=tvm):
         families[tvm.get_model_builder(name).__module__.rsplit(".", 1)[-1]].append(name)
-    return [Case("tv", f, min(names, key=_torchvision_param_count)) for f, names in sorted(families.items())
-            if wanted is None or f"tv:{f}" in wanted]
+    return dict(sorted(families.items()))
+
+
+def torchvision_cases(wanted: set[str] | None = None) -> list[Case]:
+    """The smallest classification model of every torchvision model module (or of those ``wanted``)."""
+    return [Case("tv", f, min(names, key=_torchvision_param_count)) for f, names in torchvision_families().items()
+            if wanted is None or f"{TORCHVISION_PREFIX}{f}" in wanted]
 
 
 def _torchvision_param_count(name: str) -> int:
@@ -336,21 +359,79 @@ def _pct(part: list, whole: list) -> str:
     return f"{len(part)}/{len(whole)} ({100 * len(part) / max(1, len(whole)):.1f}%)"
 
 
+def family_names() -> dict[str, str]:
+    """Every name ``--families`` accepts, mapped to its family (``tv:`` ones for torchvision).
+
+    Family names map to themselves; then :data:`ALIASES`, and every model name to its family.
+    """
+    timm_fams, tv_fams = timm_families(), torchvision_families()
+    names = {f: f for f in timm_fams} | {f"{TORCHVISION_PREFIX}{f}": f"{TORCHVISION_PREFIX}{f}" for f in tv_fams}
+    names |= {alias: family for alias, family in ALIASES.items() if family in timm_fams}
+    names |= {f"{TORCHVISION_PREFIX}{alias}": f"{TORCHVISION_PREFIX}{family}"
+              for alias, family in TORCHVISION_ALIASES.items() if family in tv_fams}
+    for family, models in timm_fams.items():
+        names |= {m: family for m in models if m not in names}
+    for family, models in tv_fams.items():
+        names |= {f"{TORCHVISION_PREFIX}{m}": f"{TORCHVISION_PREFIX}{family}" for m in models
+                  if f"{TORCHVISION_PREFIX}{m}" not in names}
+    return names
+
+
+def resolve_families(families: str) -> set[str]:
+    """The families a comma-separated ``--families`` value names.
+
+    Raises:
+        ValueError: a name that is no family, alias or model (with close matches).
+    """
+    known = family_names()
+    wanted = set()
+    for name in filter(None, (n.strip() for n in families.split(","))):
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "--list-families lists the names"
+            raise ValueError(f"unknown family {name!r}; {hint}")
+        wanted.add(known[name])
+    if not wanted:
+        raise ValueError(f"no family in --families {families!r}")
+    return wanted
+
+
 def select(families: str | None, limit: int | None) -> list[Case]:
-    """The cases of the listed families (``resnet``; ``tv:resnet`` for torchvision), at most ``limit``."""
-    wanted = set(families.split(",")) if families else None
+    """The cases of the listed families (see :func:`resolve_families`), at most ``limit``."""
+    wanted = resolve_families(families) if families is not None else None
     cases = timm_cases(wanted) + torchvision_cases(wanted)
     return cases[:limit] if limit else cases
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/zoo.csv", help="CSV path (default: out/zoo.csv)")
-    parser.add_argument("--families", help="comma-separated families, e.g. resnet,vit,tv:vgg")
-    parser.add_argument("--limit", type=int, help="at most N models")
+    parser.add_argument("--families", default=None,
+                        help="comma-separated families (timm module names, tv:NAME for torchvision), aliases "
+                             "(vit, swin, tv:vit, ...) or model names, e.g. resnet,vit,tv:vgg (default: all)")
+    parser.add_argument("--list-families", action="store_true", help="print the names --families accepts and exit")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="at most N models (default: no limit)")
     args = parser.parse_args(argv)
+    if args.list_families:
+        by_family = collections.defaultdict(list)
+        for name, family in family_names().items():
+            if name == family or name in ALIASES or name.removeprefix(TORCHVISION_PREFIX) in TORCHVISION_ALIASES:
+                by_family[family].append(name)
+        print("\n".join(f"{f}" + (f" (also {', '.join(n for n in names if n != f)})" if len(names) > 1 else "")
+                        for f, names in by_family.items()))
+        return 0
+    try:
+        cases = select(args.families, args.limit)
+    except ValueError as e:
+        print(f"zoo_sweep.py: error: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    cases = select(args.families, args.limit)
     rows = []
     for i, case in enumerate(cases, 1):
         rows.append(run_case(case, CHECKS))

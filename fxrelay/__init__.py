@@ -38,6 +38,9 @@ _EXPORTS = {
     "fxrelay.deployment.bn_stats": ("recalibrate_bn",),
     "fxrelay.diagrams.render": ("GraphvizNotFound", "render", "render_graph"),
     "fxrelay.data": ("ClassAwareSampler", "Shapes"),
+    "fxrelay.train.loop": ("Trainer", "fit"),
+    "fxrelay.train.memory": ("AllocatedBytes", "SavedBytes"),
+    "fxrelay.apps.saving": ("ModelRecipe", "load", "save"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = {"data": "fxrelay.data", "models": "fxrelay.models"}

@@ -1,4 +1,4 @@
-"""Tests for fxrelay.render: stage- and node-level drawings parsed back from SVG/JSON."""
+"""Tests for fxrelay.diagrams.render: stage- and node-level drawings parsed back from SVG/JSON."""
 
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def test_plain_and_deployed_models_have_no_heads(tmp_path):
 
 @needs_dot
 def test_transformed_model_draws_its_plan(tmp_path):
-    rewrite = pytest.importorskip("fxrelay.rewrite")
+    rewrite = pytest.importorskip("fxrelay.passes.rewrite")
     model = rewrite.transform(torchvision.models.resnet18(num_classes=10), "relay",
                               example_input=torch.randn(2, 3, 64, 64))
     plan = rewrite.plan_of(model)
@@ -205,3 +205,45 @@ def test_depth_collapses_modules():
     assert "<B>layer2.0.downsample</B> · Sequential" in source[3] and "node_layer2_0_conv1" in source[3]
     with pytest.raises(ValueError, match="depth"):
         render_graph(plan, "node", 0)
+
+
+@needs_dot
+def test_head_boxes_say_what_was_built_and_the_title_is_the_given_name(tmp_path):
+    from fxrelay.core.plan import si as _si
+
+    model = fxrelay.transform(torchvision.models.resnet18(num_classes=10), "relay",
+                              example_input=torch.randn(2, 3, 64, 64))
+    plan = fxrelay.plan_of(model)
+    text = svg_items(render(model, tmp_path / "relay.svg", title="tv:resnet18").read_bytes())["text"]
+    aux = [h for h in plan.heads if not h.is_main]
+    for k, head in enumerate(aux):
+        params = sum(p.numel() for p in model.heads[k].body.parameters())
+        assert text[text.index(f"head {head.index}") + 1] == " · auto: conv1x1-BN-ReLU-pool2x2-linear"
+        assert f"{_si(params)} params · {_si(head.flops)} FLOPs · w=0.3 → L{head.index}" in text
+    assert text[text.index(f"head {plan.heads[-1].index}") + 1] == " · main"
+    assert "tv:resnet18" in text and "ResNet" not in text
+    assert "ResNet" in svg_items(render(model, tmp_path / "untitled.svg").read_bytes())["text"]
+
+
+@pytest.mark.parametrize("kind, shape, built", [
+    ("auto", (64, 8, 8), "conv1x1-BN-ReLU-pool2x2-linear"),
+    ("linear", (64, 8, 8), "pool-linear"),
+    ("layercnn", (64, 8, 8), "conv3x3-BN-ReLU-conv3x3-BN-ReLU-pool2x2-linear"),
+    ("dgl", (64, 8, 8), "pool2x2-conv1x1-BN-ReLU-conv1x1-BN-ReLU-linear"),
+    ("auto", (8, 8, 64), "ChannelsLast-conv1x1-BN-ReLU-pool2x2-linear"),
+    ("auto", (16, 64), "TokenMean-LN-linear"),
+])
+def test_head_layers_are_named_briefly(kind, shape, built):
+    from fxrelay.passes.heads import describe_head, make_head
+
+    assert describe_head(make_head(kind, shape, 10)) == built
+
+
+@needs_dot
+def test_png_is_rendered_at_png_dpi(tmp_path):
+    from fxrelay.diagrams.render import PNG_DPI
+
+    plan = fxrelay.partition(torchvision.models.resnet18(), example_input=torch.randn(2, 3, 64, 64))
+    svg_width_pt = float(ET.fromstring(render(plan, tmp_path / "r.svg").read_bytes()).get("width").removesuffix("pt"))
+    png_width_px = int.from_bytes(render(plan, tmp_path / "r.png").read_bytes()[16:20], "big")
+    assert PNG_DPI == 192 and png_width_px == pytest.approx(svg_width_pt * PNG_DPI / 72, rel=0.02)

@@ -142,13 +142,16 @@ def check_export(size: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=9, help="least timed rounds per model")
-    parser.add_argument("--budget-s", type=float, default=60, help="seconds per model for extra rounds")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--check-export", action="store_true", help="check export/jit/compile instead")
+    parser.add_argument("--reps", type=int, default=9, help="least timed rounds per model (default: %(default)s)")
+    parser.add_argument("--budget-s", type=float, default=60,
+                        help="seconds per model for rounds beyond --reps (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=8, help="images per timed batch (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=224, help="image side in px (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                        help="timm models to time (default: all: %(default)s)")
+    parser.add_argument("--check-export", action="store_true",
+                        help="instead of timing, check that deployed models pass torch.export, jit.trace, compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

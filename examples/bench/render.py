@@ -38,8 +38,9 @@ def svg_node_count(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH)
+    parser.add_argument("--model", default="resnet50", help="timm model to draw (default: %(default)s)")
+    parser.add_argument("--depth", type=int, default=DEFAULT_DEPTH,
+                        help="collapse modules nested deeper than this (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = timm.create_model(args.model, pretrained=False).eval()

@@ -24,9 +24,10 @@ from timing import median_seconds
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--model", default="resnet50", help="timm model (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs of each; the median is shown (default: %(default)s)")
+    parser.add_argument("--input-size", type=int, default=224, help="image side in px (default: %(default)s)")
     args = parser.parse_args(argv)
     model = timm.create_model(args.model, pretrained=False).eval()
     x = torch.randn(1, 3, args.input_size, args.input_size)

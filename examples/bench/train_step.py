@@ -64,11 +64,13 @@ def _ratio(a: list[float], b: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet50,resnet18,vgg16_bn")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--models", default="resnet50,resnet18,vgg16_bn",
+                        help="comma-separated timm models (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=16, help="images per training step (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=224, help="image side in px (default: %(default)s)")
+    parser.add_argument("--reps", type=int, default=5, help="round-robin rounds of timed steps (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch CPU threads (default: torch's, here %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU, {args.threads} threads, batch {args.batch} x 3x{args.size}x{args.size}, {args.reps} rounds "

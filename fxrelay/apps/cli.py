@@ -1,12 +1,19 @@
 """The ``fxrelay`` command line: one small function per subcommand.
 
 ``fxrelay inspect MODEL`` prints the stage plan of a timm model (``resnet50``) or a
-torchvision one (``tv:resnet18``), created with random weights.
+torchvision one (``tv:resnet18``), created with random weights; ``--mode relay`` adds
+the heads and the window of stages each head's loss trains.
 
 A subcommand is a :class:`Command` in :data:`COMMANDS`: its ``configure`` adds the
-arguments to its subparser and its ``run`` returns the exit code. Errors the user can
-fix (an unknown model name, an impossible ``--num-stages``) are one line on stderr and
-exit code 2, without a traceback.
+arguments to its subparser and its ``run`` returns the exit code. Every error is one
+line on stderr, without a traceback: exit code 2 for what the user can fix from the
+command line (a bad option, an unknown model name, an impossible ``--num-stages``, a
+model that does not run at ``--input-size``), 1 for anything else
+(``fxrelay --traceback COMMAND ...`` shows where it came from).
+
+This module imports only the standard library at import time: torch, timm and the
+fxrelay passes are imported by the command that needs them, so ``fxrelay --help``
+answers at once.
 
 Example:
     >>> from fxrelay.apps.cli import main
@@ -18,18 +25,22 @@ Example:
 from __future__ import annotations
 
 import argparse
-import difflib
+import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
-import torch
-from torch import nn
+from .. import __version__
+from ..core.choices import BOUNDARIES, FORMATS, LEVELS, MODES
+from .zoo import check_model_name, example_input, load_model
 
-__all__ = ["Command", "COMMANDS", "UsageError", "load_model", "example_input", "main"]
+if TYPE_CHECKING:
+    from torch import nn
 
-TORCHVISION_PREFIX = "tv:"
-DEFAULT_INPUT_SIZE = 224
+__all__ = ["Command", "COMMANDS", "UsageError", "build_parser", "main"]
+
+_VERSIONS_OF = ("torch", "torchvision", "timm")
 
 
 class UsageError(Exception):
@@ -46,139 +57,185 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
-def known_models() -> list[str]:
-    """Every name :func:`load_model` accepts: timm names and ``tv:`` torchvision names."""
-    import timm
-    import torchvision.models as tvm
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (``fxrelay inspect: error: ... (see ... --help)``)."""
 
-    return timm.list_models() + [TORCHVISION_PREFIX + n for n in tvm.list_models(module=tvm)]
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def load_model(name: str, input_size: int | None = None, **kwargs: Any) -> nn.Module:
-    """A timm model, or a torchvision one for ``tv:NAME``, with random weights, in eval mode.
+class _Version(argparse.Action):
+    """``--version``: fxrelay's version and those of torch, torchvision and timm (read without importing them)."""
 
-    A timm model with a fixed input size is built for ``input_size`` when it takes an
-    ``img_size`` argument. ``kwargs`` (``num_classes=10``) go to the model's constructor.
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
-    Raises:
-        UsageError: unknown name (the message lists close matches).
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        from importlib.metadata import PackageNotFoundError, version
 
-    Example:
-        >>> type(load_model("tv:resnet18")).__name__
-        'ResNet'
+        def installed(name: str) -> str:
+            with contextlib.suppress(PackageNotFoundError):
+                return f"{name} {version(name)}"
+            return f"{name} not installed"
+
+        print(f"fxrelay {__version__} ({', '.join(map(installed, _VERSIONS_OF))}; python {sys.version.split()[0]})")
+        parser.exit(0)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _depth(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'none', got {text!r}") from None
+
+
+@contextlib.contextmanager
+def _model_errors(model: str, runs_at: str) -> Iterator[None]:
+    """Turn what tracing and running ``model`` raise into one-line errors.
+
+    ``ValueError`` (options the passes reject) and a model that fails on its input
+    (``RuntimeError``, ``AssertionError``: ``runs_at`` says which input) become usage
+    errors; a :class:`~fxrelay.TraceError` (untraceable code) stays an error, exit 1.
     """
-    import timm
-    import torchvision.models as tvm
+    from ..passes.tracing import TraceError
 
-    if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX):] in tvm.list_models(module=tvm):
-        return tvm.get_model(name[len(TORCHVISION_PREFIX):], weights=None, **kwargs).eval()
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, known_models(), n=5, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else " (timm names, or tv:NAME for torchvision)"
-        raise UsageError(f"unknown model {name!r}{hint}")
-    default = timm.get_pretrained_cfg_value(name, "input_size") or (3, DEFAULT_INPUT_SIZE, DEFAULT_INPUT_SIZE)
-    if input_size is not None and input_size != default[-1]:
-        try:
-            return timm.create_model(name, pretrained=False, img_size=input_size, **kwargs).eval()
-        except TypeError:  # reason: models without img_size take any size or only their own
-            pass
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
+    try:
+        yield
+    except TraceError:
+        raise
+    except ValueError as e:
+        raise UsageError(_first_line(e)) from None
+    except (RuntimeError, AssertionError) as e:  # reason: the model itself rejects the input
+        raise UsageError(f"{model} does not run {runs_at}: {_first_line(e)}") from None
 
 
-def example_input(model: nn.Module, input_size: int | None = None) -> torch.Tensor:
-    """A seeded random batch of one: ``input_size`` px square, else the model's default size."""
-    from ..passes.tracing import default_example_input
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
-    if input_size is None:
-        return default_example_input(model)
-    channels = default_example_input(model).shape[1]
-    return torch.randn(1, channels, input_size, input_size, generator=torch.Generator().manual_seed(0))
+
+def _load(name: str, input_size: int | None, **kwargs: Any) -> nn.Module:
+    try:
+        return load_model(name, input_size, **kwargs)
+    except ValueError as e:  # reason: unknown name, or constructor arguments the model rejects
+        raise UsageError(_first_line(e)) from None
+
+
+def _configure_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="timm model name, or tv:NAME for torchvision (e.g. resnet50, tv:resnet18)")
+    parser.add_argument("--boundaries", choices=BOUNDARIES, default="auto",
+                        help="how stages are found: at resolution changes (pool), between blocks (blocks), "
+                             "or whichever fits the model (default: auto)")
+    parser.add_argument("--num-stages", type=_positive_int, default=None,
+                        help="merge or split to N stages (default: one per resolution level)")
+    parser.add_argument("--input-size", type=_positive_int, default=None,
+                        help="input side in px (default: the model's own input size)")
+
+
+def _configure_mode(parser: argparse.ArgumentParser, default: str | None) -> None:
+    shown = f"default: {default}" if default else "default: no heads, the partition only"
+    parser.add_argument("--mode", choices=MODES, default=default,
+                        help=f"training mode whose heads and windows are shown ({shown})")
+    parser.add_argument("--window", type=_positive_int, default=2,
+                        help="relay window: how many stages, up to its own, a head's loss trains (default: 2)")
 
 
 def _configure_inspect(parser: argparse.ArgumentParser) -> None:
-    from ..passes.partition import BOUNDARIES
+    _configure_model(parser)
+    _configure_mode(parser, None)
 
-    parser.add_argument("model", help="timm model name, or tv:NAME for torchvision (e.g. tv:resnet18)")
-    parser.add_argument("--boundaries", choices=BOUNDARIES, default="auto", help="how stages are found")
-    parser.add_argument("--num-stages", type=int, default=None, help="merge or split to N stages")
-    parser.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help="input side in px (224)")
+
+def _transformed(args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    """The model of ``args`` and its Plan: partitioned, or transformed for ``args.mode``."""
+    from ..passes.partition import partition
+    from ..passes.rewrite import plan_of, transform
+
+    model = _load(args.model, args.input_size)
+    x = example_input(model, args.input_size)
+    size = f"at --input-size {args.input_size}" if args.input_size else f"at its default input size {x.shape[-1]}"
+    with _model_errors(args.model, size):
+        if args.mode is None:
+            return model, partition(model, args.boundaries, args.num_stages, x)
+        model = transform(model, args.mode, window=args.window, boundaries=args.boundaries,
+                          num_stages=args.num_stages, example_input=x)
+        return model, plan_of(model)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    """Print the plan table of ``args.model``."""
-    from ..passes.partition import partition
-    from ..passes.tracing import TraceError
-
-    model = load_model(args.model, args.input_size)
-    try:
-        plan = partition(model, args.boundaries, args.num_stages, example_input(model, args.input_size))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    except TraceError as e:
-        print(f"fxrelay inspect: {e}", file=sys.stderr)
-        return 1
-    except RuntimeError as e:  # reason: the model itself rejects the input size
-        raise UsageError(_cannot_run(args, e)) from None
-    print(plan)
+    """Print the plan table of ``args.model`` (with heads and windows for ``--mode``)."""
+    print(_transformed(args)[1])
     return 0
 
 
-def _cannot_run(args: argparse.Namespace, e: Exception) -> str:
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return f"{args.model} does not run at --input-size {args.input_size}: {reason}"
-
-
 def _configure_render(parser: argparse.ArgumentParser) -> None:
-    from ..diagrams.render import LEVELS
-    from ..passes.heads import MODES
-
-    _configure_inspect(parser)
-    parser.add_argument("--mode", choices=MODES, default="relay", help="training mode whose heads are drawn")
-    parser.add_argument("--window", type=int, default=2, help="relay window (stages a loss trains)")
-    parser.add_argument("--level", choices=LEVELS, default="stage", help="one box per stage, or fx nodes")
-    parser.add_argument("--depth", default="2", help="node level: collapse modules below this depth ('none': all)")
-    parser.add_argument("-o", "--output", default=None, help="output file, .svg .png .pdf .dot (MODEL.svg)")
+    _configure_model(parser)
+    _configure_mode(parser, "relay")
+    parser.add_argument("--level", choices=LEVELS, default="stage",
+                        help="one box per stage, or the fx nodes of each stage (default: stage)")
+    parser.add_argument("--depth", type=_depth, default=2,
+                        help="node level: collapse modules nested deeper than this; 'none' draws every node "
+                             "(default: 2)")
+    parser.add_argument("-o", "--output", default=None,
+                        help="output file: .svg .png .pdf .dot; its folder is created (default: MODEL.svg)")
 
 
 def run_render(args: argparse.Namespace) -> int:
     """Draw the partition and heads of ``args.model`` in ``args.mode``."""
+    path = Path(args.output or f"{args.model.replace(':', '_')}.svg")
+    if path.suffix.lower() not in tuple(FORMATS):  # reason: say so before seconds of tracing
+        raise UsageError(f"cannot tell the format of {str(path)!r}: use one of {', '.join(tuple(FORMATS))}")
     from ..diagrams.render import GraphvizNotFound, render
-    from ..passes.rewrite import transform
 
-    model = load_model(args.model, args.input_size)
-    x = example_input(model, args.input_size)
+    model, _ = _transformed(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        transformed = transform(model, args.mode, window=args.window, boundaries=args.boundaries,
-                                num_stages=args.num_stages, example_input=x, num_classes=1000)
-        depth = None if args.depth.lower() == "none" else int(args.depth)
-        path = render(transformed, args.output or f"{args.model.replace(':', '_')}.svg", level=args.level,
-                      depth=depth)
-    except (ValueError, GraphvizNotFound) as e:
+        print(render(model, path, level=args.level, depth=args.depth, title=args.model))
+    except GraphvizNotFound as e:
         raise UsageError(str(e)) from None
-    except RuntimeError as e:  # reason: the model itself rejects the input size
-        raise UsageError(_cannot_run(args, e)) from None
-    print(path)
     return 0
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="out/demo", help="where the demo writes its files (out/demo)")
-    parser.add_argument("--model", default="resnet10t", help="timm model to train (resnet10t)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per mode")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--out", default="out/demo", help="where the demo writes its files (default: out/demo)")
+    parser.add_argument("--model", default="resnet10t",
+                        help="timm model to train, or tv:NAME for torchvision (default: resnet10t)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="epochs per mode (default: 4)")
+    parser.add_argument("--no-progress", action="store_true", help="no plan of runs, no progress bars")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Train standard and relay on generated data, render, deploy, verify, print the table."""
-    from .demo import run_demo as demo
+    """Train standard and relay on generated data, render, deploy, verify, print the table.
 
+    Exit code 1 when the deployed model does not compute what the trained one does.
+    """
+    from .demo import IMAGE_SIZE, run_demo as demo
+
+    try:  # reason: a wrong name fails now, not after minutes of work
+        check_model_name(args.model)
+    except ValueError as e:
+        raise UsageError(_first_line(e)) from None
     kwargs = {"epochs": args.epochs} if args.epochs else {}
-    print(demo(args.out, model_name=args.model, progress=not args.no_progress, **kwargs))
-    return 0
+    with _model_errors(args.model, f"on the demo's {IMAGE_SIZE}x{IMAGE_SIZE} images"):
+        result = demo(args.out, model_name=args.model, progress=not args.no_progress, **kwargs)
+    print(result)
+    return 0 if result.check.passed else 1
 
 
 COMMANDS: list[Command] = [
-    Command("inspect", "print the stage plan of a timm or torchvision model", _configure_inspect, run_inspect),
+    Command("inspect", "print the stage plan of a timm or torchvision model (--mode adds heads and windows)",
+            _configure_inspect, run_inspect),
     Command("render", "draw a model's stages, heads and gradient windows with graphviz", _configure_render,
             run_render),
     Command("demo", "train standard and relay on generated data, render, deploy and verify", _configure_demo,
@@ -188,7 +245,9 @@ COMMANDS: list[Command] = [
 
 def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
     """The ``fxrelay`` parser with one subparser per command."""
-    parser = argparse.ArgumentParser(prog="fxrelay", description="Relay backpropagation for any fx-traceable model.")
+    parser = _Parser(prog="fxrelay", description="Relay backpropagation for any fx-traceable model.")
+    parser.add_argument("--version", action=_Version, help="print the versions of fxrelay, torch, torchvision, timm")
+    parser.add_argument("--traceback", action="store_true", help="on an unexpected error, show the full traceback")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in commands:
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
@@ -198,13 +257,22 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (2 for usage errors)."""
+    """Run the command line; returns the exit code (2 for usage errors, 1 for other errors)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except UsageError as e:
         print(f"fxrelay {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fxrelay {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  (reason: the command line promises one-line errors)
+        if args.traceback:
+            raise
+        print(f"fxrelay {args.command}: error: {type(e).__name__}: {_first_line(e)} "
+              f"(fxrelay --traceback {args.command} ... shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ class Head:
             (``"auto"``, ``"linear"``, ``"layercnn"``, ``"dgl"``, ``"model"``, a callable's name).
         flops: forward FLOPs per sample of the head itself (0 for the main head, whose
             classifier is part of the last stage).
-        layers: what the head computes, e.g. ``"conv1x1-BN-ReLU-pool-linear"``.
+        layers: what the head computes, e.g. ``"conv1x1-BN-ReLU-pool2x2-linear"``.
+        params: parameters of the head itself (0 for the main head).
         saved_bytes: bytes per sample the head saves for backward in a training step.
     """
 
@@ -80,6 +81,7 @@ class Head:
     kind: str
     flops: int = 0
     layers: str = ""
+    params: int = 0
     saved_bytes: int = 0
 
     @property

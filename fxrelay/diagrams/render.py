@@ -14,7 +14,10 @@ Two levels of detail:
 * ``level="node"``: the fx nodes inside one cluster per stage; modules deeper than
   ``depth`` are collapsed into one box labelled with the module path and op count.
 
-Both levels draw every stage as a ``cluster_stage_<i>`` subgraph and end with a legend.
+Both levels draw every stage as a ``cluster_stage_<i>`` subgraph and end with a legend
+headed by the model's name (``title=``, e.g. the name it was created by). An aux head's box
+says what was built (``conv1x1-BN-ReLU-pool2x2-linear``) and its cost. PNGs are rendered
+at :data:`PNG_DPI`, crisp at twice the size.
 
 Example:
     >>> import torchvision, fxrelay
@@ -35,17 +38,17 @@ import torch.fx as fx
 from torch import nn
 
 from ..core.channels import stopping_losses
+from ..core.choices import FORMATS, LEVELS
 from ..core.ir import Head, Stage, TracingConfig
 from ..core.plan import Plan, si
 from ..passes.partition import partition
 from ..passes.rewrite import is_transformed, plan_of
 from ..passes.tracing import ExampleInput, check_module, module_path
 
-__all__ = ["render", "render_graph", "as_plan", "GraphvizNotFound", "LEVELS", "DEFAULT_DEPTH"]
+__all__ = ["render", "render_graph", "as_plan", "GraphvizNotFound", "LEVELS", "DEFAULT_DEPTH", "PNG_DPI"]
 
-LEVELS = ("stage", "node")
 DEFAULT_DEPTH = 2
-_FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf", ".dot": None, ".gv": None}
+PNG_DPI = 192  # reason: graphviz's 96 dpi default blurs text on 2x (HiDPI) screens
 _LOSS_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
                  "#7f7f7f")
 _SCOPE_COLOUR = "#d62728"
@@ -67,6 +70,7 @@ def render(
     *,
     example_input: ExampleInput | None = None,
     tracing: TracingConfig | None = None,
+    title: str | None = None,
 ) -> Path:
     """Draw a Plan, or the plan of a model, to an ``.svg``, ``.png``, ``.pdf`` or ``.dot`` file.
 
@@ -79,6 +83,7 @@ def render(
         depth: for ``level="node"``, modules nested deeper than this are drawn as one
             box; ``None`` draws every fx node.
         example_input, tracing: passed to :func:`fxrelay.partition` for plain models.
+        title: the model's name in the legend (default: its class name).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -94,10 +99,12 @@ def render(
         '.dot'
     """
     path = Path(path)
-    if path.suffix.lower() not in _FORMATS:
-        raise ValueError(f"cannot tell the format of {str(path)!r}: use one of {', '.join(_FORMATS)}")
-    graph = render_graph(as_plan(model_or_plan, example_input, tracing=tracing), level, depth)
-    fmt = _FORMATS[path.suffix.lower()]
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(f"cannot tell the format of {str(path)!r}: use one of {', '.join(FORMATS)}")
+    graph = render_graph(as_plan(model_or_plan, example_input, tracing=tracing), level, depth, title=title)
+    fmt = FORMATS[path.suffix.lower()]
+    if fmt == "png":
+        graph.graph_attr["dpi"] = str(PNG_DPI)
     if fmt is None:
         path.write_text(graph.source, encoding="utf-8")
         return path
@@ -129,13 +136,15 @@ def as_plan(model_or_plan: Plan | nn.Module, example_input: ExampleInput | None 
     return partition(model_or_plan, example_input=example_input, tracing=tracing)
 
 
-def render_graph(plan: Plan, level: str = "stage", depth: int | None = DEFAULT_DEPTH) -> graphviz.Digraph:
+def render_graph(plan: Plan, level: str = "stage", depth: int | None = DEFAULT_DEPTH, *,
+                 title: str | None = None) -> graphviz.Digraph:
     """The graphviz drawing of ``plan`` (pure: nothing is written or run).
 
     Args:
         plan: the Plan to draw, with or without heads.
         level: ``"stage"`` or ``"node"``.
         depth: for ``level="node"``, the module depth below which modules collapse.
+        title: the model's name (default: ``plan.model_name``, its class name).
 
     Returns:
         A ``graphviz.Digraph``: clusters ``cluster_stage_<i>``, nodes ``stage_<i>``
@@ -158,7 +167,8 @@ def render_graph(plan: Plan, level: str = "stage", depth: int | None = DEFAULT_D
     stage_of = plan.stage_of()
     nodes = {n.name: n for n in plan.graph_module.graph.nodes}
     box_of = _stage_boxes(stage_of) if level == "stage" else _node_boxes(plan, stage_of, depth)
-    graph = graphviz.Digraph(plan.model_name, graph_attr=_GRAPH_ATTR, node_attr=_NODE_ATTR, edge_attr=_EDGE_ATTR)
+    title = title or plan.model_name
+    graph = graphviz.Digraph(title, graph_attr=_GRAPH_ATTR, node_attr=_NODE_ATTR, edge_attr=_EDGE_ATTR)
     for name in plan.input_names:
         graph.node(f"input_{name}", f"input {name}\n{_shape_text(nodes[name])}", shape="oval", style="solid")
     for stage in plan.stages:
@@ -172,7 +182,7 @@ def render_graph(plan: Plan, level: str = "stage", depth: int | None = DEFAULT_D
     graph.node("output", "output", shape="oval", style="solid")
     for tail, head, tensor, stops in _edges(plan, nodes, stage_of, box_of, labelled=level == "stage"):
         _draw_edge(graph, tail, head, tensor, stops)
-    graph.node("legend", _legend(plan), shape="plain", style="solid")
+    graph.node("legend", _legend(plan, title), shape="plain", style="solid")
     graph.edge("output", "legend", style="invis")
     return graph
 
@@ -321,10 +331,17 @@ def _draw_heads(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dic
     main_output = (stage.outputs or stage.nodes)[-1]
     for head in (h for h in plan.heads if h.stage == stage.index):
         colour = _loss_colour(head)
-        cluster.node(f"head_{head.index}", f"<<B>head {head.index}</B> · {html.escape(head.kind)}<BR/>"
-                                           f"w={head.weight:g} → L{head.index}>",
-                     color=colour, penwidth="2", style="rounded,filled", fillcolor="white")
+        cluster.node(f"head_{head.index}", f"<{_head_text(head)}>", color=colour, penwidth="2",
+                     style="rounded,filled", fillcolor="white")
         cluster.edge(box_of[main_output], f"head_{head.index}", color=colour, style="dashed")
+
+
+def _head_text(head: Head) -> str:
+    """``head 0 · auto: conv1x1-BN-ReLU-pool2x2-linear``, then its params, FLOPs, weight and loss, as HTML."""
+    built = f"{head.kind}: {head.layers}" if head.layers else head.kind
+    cost = (f"{si(head.params)} params · " if head.params else "") + (f"{si(head.flops)} FLOPs · " if head.flops else "")
+    return (f"<B>head {head.index}</B> · {html.escape(built)}<BR/>"
+            f"<FONT POINT-SIZE=\"9\">{cost}w={head.weight:g} → L{head.index}</FONT>")
 
 
 def _edges(plan: Plan, nodes: dict[str, fx.Node], stage_of: dict[str, int], box_of: dict[str, str],
@@ -363,10 +380,10 @@ def _draw_edge(graph: graphviz.Digraph, tail: str, head: str, label: str, stops:
     graph.edge(scope, head, color=_SCOPE_COLOUR, arrowhead="teenormal")
 
 
-def _legend(plan: Plan) -> str:
+def _legend(plan: Plan, title: str) -> str:
     """HTML table: the model, then one row per loss (its colour, head and window)."""
     total_flops = sum(s.flops for s in plan.stages)
-    rows = [f"<TR><TD COLSPAN=\"2\"><B>{html.escape(plan.model_name)}</B> · mode={plan.mode} · "
+    rows = [f"<TR><TD COLSPAN=\"2\"><B>{html.escape(title)}</B> · mode={plan.mode} · "
             f"{len(plan.stages)} stages · {si(sum(p.numel() for p in plan.graph_module.parameters()))} params · "
             f"{total_flops / 1e9:.3g} GFLOPs/sample</TD></TR>"]
     for head in plan.heads:

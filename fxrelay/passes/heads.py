@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..core.choices import HEAD_KINDS, MODES
 from ..core.ir import MAIN, Head
 from ..core.modules import training_mode
 from .tracing import did_you_mean
@@ -35,8 +36,7 @@ __all__ = ["HEADS", "MODES", "HeadFactory", "make_head", "kind_name", "head_flop
            "assign_heads", "check_mode"]
 
 HeadFactory = Callable[[tuple, int], nn.Module]
-HEADS = ("auto", "linear", "layercnn", "dgl")
-MODES = ("relay", "greedy", "deep", "standard")
+HEADS = HEAD_KINDS
 _AUTO_WIDTH = 256
 
 class _ChannelsLast(nn.Module):
@@ -88,27 +88,29 @@ def head_flops(head: nn.Module, feature_shape: tuple) -> int:
     return counter.get_total_flops()
 
 
-_SHORT_NAMES = {nn.BatchNorm2d: "BN", nn.LayerNorm: "LN", nn.ReLU: "ReLU", nn.Linear: "linear",
-                nn.AdaptiveAvgPool2d: "pool", nn.Flatten: None, _TokenMean: "mean", _ChannelsLast: None}
+_SHORT_NAMES = {nn.BatchNorm1d: "BN", nn.BatchNorm2d: "BN", nn.LayerNorm: "LN", nn.ReLU: "ReLU", nn.Linear: "linear",
+                _TokenMean: "TokenMean", _ChannelsLast: "ChannelsLast"}
 
 
 def describe_head(head: nn.Module) -> str:
-    """What a head computes, layer by layer: ``"conv1x1-BN-ReLU-pool-linear"``.
+    """What a head computes, layer by layer: ``"conv1x1-BN-ReLU-pool2x2-linear"``.
 
-    >>> describe_head(make_head("auto", (64, 8, 8), 10))
-    'conv1x1-BN-ReLU-pool-linear'
+    >>> describe_head(make_head("auto", (64, 8, 8), 10)), describe_head(make_head("linear", (64, 8, 8), 10))
+    ('conv1x1-BN-ReLU-pool2x2-linear', 'pool-linear')
     """
-    parts = []
-    for m in head.modules():
-        if any(True for _ in m.children()):
-            continue
-        if isinstance(m, nn.Conv2d):
-            parts.append(f"conv{m.kernel_size[0]}x{m.kernel_size[1]}")
-        elif type(m) in _SHORT_NAMES:
-            parts.append(_SHORT_NAMES[type(m)])
-        else:
-            parts.append(type(m).__name__.lstrip("_"))
-    return "-".join(p for p in parts if p)
+    leaves = [m for m in head.modules() if not any(True for _ in m.children())] or [head]
+    return "-".join(name for name in map(_layer_name, leaves) if name)
+
+
+def _layer_name(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        return "conv" + "x".join(map(str, module.kernel_size))
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        size = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
+        return "pool" if size == (1, 1) else "pool" + "x".join(map(str, size))
+    if isinstance(module, (nn.Flatten, nn.Identity)):
+        return ""
+    return _SHORT_NAMES.get(type(module), type(module).__name__.lstrip("_"))
 
 
 def check_mode(mode: str) -> None:

@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Sequence
 import torch.fx as fx
 from torch import nn
 
+from ..core.choices import BALANCES, BOUNDARIES
 from ..core.ir import Stage, TracingConfig
 from ..core.plan import Plan
 from .analysis import Analysis, analyse, owned_parameters
@@ -46,8 +47,6 @@ from .tracing import ExampleInput, as_inputs, check_module, default_example_inpu
 
 __all__ = ["partition", "plan_stages", "BOUNDARIES", "BALANCES", "pool_cut_key", "stage_names"]
 
-BOUNDARIES = ("auto", "pool", "blocks")
-BALANCES = ("flops", "memory")
 _DEFAULT_BLOCKS = 4
 _NEAR_MIDDLE = 0.15
 _SUBSTANTIAL = 10  # reason: a stage closes after at least 1/10 of its level's FLOPs

@@ -165,6 +165,7 @@ def transform(
     plan = dataclasses.replace(plan, heads=tuple(
         h if h.is_main else dataclasses.replace(h, flops=head_flops(body, plan.stages[h.stage].shape),
                                                 layers=describe_head(body),
+                                                params=sum(p.numel() for p in body.parameters()),
                                                 saved_bytes=saved_bytes_per_sample(body, plan.stages[h.stage].shape))
         for h, body in zip(plan.heads, [*bodies, None])))
     _warn_degenerate(plan, mode, window, explicit=not isinstance(head_stages, str))

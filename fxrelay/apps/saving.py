@@ -1,0 +1,239 @@
+"""Save and load models without unsafe unpickling: ``fxrelay.save`` / ``fxrelay.load``.
+
+``torch.save(model)`` pickles code: ``torch.load`` refuses it under its default
+``weights_only=True`` (``Unsupported global: ... reduce_graph_module``), and loading it
+with ``weights_only=False`` runs whatever the file says. fxrelay writes two kinds of
+files that need neither:
+
+* **deployed** (or any plain) models, to a ``.pt2`` path: a ``torch.export`` program
+  (:func:`torch.export.save`), with a dynamic batch size and the example's other
+  dimensions. :func:`load` checks that every pickled part of the archive loads with
+  ``weights_only=True`` before :func:`torch.export.load` (which would otherwise fall back to
+  unsafe unpickling) and returns the program's module. Anyone can load it without
+  fxrelay: ``torch.export.load(path).module()``.
+* **trained** (transformed) models, to any other path (``.pt``): the state dict plus a
+  :class:`ModelRecipe` of plain values (the zoo model name and the transform settings), in a
+  dict that ``torch.load(path, weights_only=True)`` reads. :func:`load` rebuilds the model
+  from the recipe and loads the state dict with ``strict=True``: heads included, so
+  training can go on. For a model of your own, the recipe's ``model`` is ``""`` and
+  ``load(path, model=MyNet())`` applies the saved transform settings to your fresh instance.
+
+Example:
+    >>> import torch, fxrelay
+    >>> recipe = fxrelay.ModelRecipe("tv:resnet18", "relay", model_kwargs={"num_classes": 10},
+    ...                         input_shape=(3, 64, 64))
+    >>> model = recipe.build()                                  # then train it
+    >>> path = fxrelay.save(model, "/tmp/r18_relay.pt", recipe=recipe)
+    >>> again = fxrelay.load("/tmp/r18_relay.pt")              # strict: every tensor restored
+    >>> x = torch.randn(2, 3, 64, 64)
+    >>> torch.equal(again.eval()(x), model.eval()(x))
+    True
+    >>> deployed = fxrelay.deploy(model)
+    >>> path = fxrelay.save(deployed, "/tmp/r18_relay.pt2")
+    >>> torch.equal(fxrelay.load("/tmp/r18_relay.pt2")(x), deployed(x))
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..passes.rewrite import is_transformed, transform
+from ..passes.tracing import default_example_input
+from .zoo import load_model
+
+__all__ = ["FORMAT", "EXPORT_SUFFIX", "ModelRecipe", "save", "load"]
+
+FORMAT = "fxrelay.trained/1"
+EXPORT_SUFFIX = ".pt2"
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _traced_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The per-sample shape fxrelay's analysis recorded on a GraphModule's single input, if any."""
+    graph = getattr(model, "graph", None)
+    inputs = [n for n in graph.nodes if n.op == "placeholder"] if isinstance(graph, torch.fx.Graph) else []
+    info = inputs[0].meta.get("fxrelay") if len(inputs) == 1 else None
+    return tuple(info.shape[1:]) if info is not None and info.shape else None
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """How to rebuild a transformed model: plain values only, so a file can hold it safely.
+
+    Attributes:
+        model: a timm name or ``tv:NAME`` (see :mod:`fxrelay.apps.zoo`); ``""`` for a model of
+            your own, passed to :meth:`build` / :func:`load` as ``model=``.
+        mode: the :func:`fxrelay.transform` mode.
+        model_kwargs: the model constructor's arguments (``{"num_classes": 10}``).
+        transform_kwargs: further :func:`fxrelay.transform` arguments (``{"window": 3}``);
+            ``head_kind`` must be a name, not a factory.
+        input_shape: per-sample example input shape (``(3, 32, 32)``); ``None``: the
+            model's default.
+    """
+
+    model: str
+    mode: str = "relay"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    transform_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None
+
+    def build(self, model: nn.Module | None = None) -> nn.Module:
+        """The transformed model, freshly initialised (in train mode).
+
+        Args:
+            model: the untransformed model when the recipe names none (``model=""``).
+
+        Raises:
+            ValueError: both or neither of ``model`` and ``self.model`` given, or a
+                value :func:`fxrelay.transform` rejects.
+        """
+        if (model is None) == (not self.model):
+            raise ValueError(f"ModelRecipe(model={self.model!r}) needs model=... exactly when it names no zoo model")
+        if model is None:
+            model = load_model(self.model, **self.model_kwargs)
+        example = torch.randn(1, *self.input_shape) if self.input_shape else None
+        return transform(model.train(), self.mode, example_input=example, **self.transform_kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as a dict of plain values.
+
+        Raises:
+            ValueError: a value that is not a str, number, bool, None, or a list, tuple
+                or str-keyed dict of those (a head factory, say).
+        """
+        values = dataclasses.asdict(self)
+        _check_plain(values, "recipe")
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelRecipe:
+        """The inverse of :meth:`to_dict`."""
+        shape = values.get("input_shape")
+        return cls(**{**values, "input_shape": tuple(shape) if shape is not None else None})
+
+
+def save(model: nn.Module, path: str | Path, *, recipe: ModelRecipe | None = None,
+         example_input: torch.Tensor | None = None) -> Path:
+    """Write ``model`` so that :func:`load` (and ``weights_only=True`` loading) reads it back.
+
+    Args:
+        model: a deployed or plain model for a ``.pt2`` path; a model from
+            :func:`fxrelay.transform` (or :meth:`ModelRecipe.build`) for any other path.
+        path: the file; its folder is created.
+        recipe: required for a transformed model: how :func:`load` rebuilds it.
+        example_input: ``.pt2`` only: an input batch fixing every dimension but the batch
+            size (default: the input shape fxrelay traced, else the model's default).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: a transformed model to ``.pt2`` (deploy it first), a plain model to
+            another suffix, or a missing or unstorable recipe.
+    """
+    path = Path(path)
+    if path.suffix == EXPORT_SUFFIX:
+        if is_transformed(model):
+            raise ValueError(f"{path}: a transformed model is saved with a ModelRecipe to a .pt path; for "
+                             f"a {EXPORT_SUFFIX} file deploy it first: fxrelay.save(fxrelay.deploy(model), ...)")
+        program = _export(model, example_input)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, path)
+        return path
+    if not is_transformed(model):
+        raise ValueError(f"{path}: a deployed or plain model is saved with torch.export to a {EXPORT_SUFFIX} path")
+    if recipe is None:
+        raise ValueError(f"{path}: saving a transformed model needs recipe=fxrelay.ModelRecipe(model_name, mode, ...), "
+                         "the settings load() rebuilds it from")
+    payload = {"format": FORMAT, "recipe": recipe.to_dict(), "state_dict": model.state_dict()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return path
+
+
+def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+    """Read a file written by :func:`save`, never unpickling anything but tensors and plain values.
+
+    Args:
+        path: a ``.pt2`` program or a trained-model file.
+        model: for a trained model whose recipe names no zoo model: a fresh instance of
+            the untransformed model.
+
+    Returns:
+        For ``.pt2``: the exported program's module (inference). Otherwise the transformed
+        model in train mode, every parameter and buffer restored (``strict=True``).
+
+    Raises:
+        ValueError: not a file :func:`save` wrote, or a ``.pt2`` archive that needs unsafe
+            unpickling.
+    """
+    path = Path(path)
+    if path.suffix == EXPORT_SUFFIX:
+        _check_safe_archive(path)
+        return torch.export.load(path).module()
+    payload = torch.load(path, weights_only=True, map_location="cpu")
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a trained model written by fxrelay.save (no format {FORMAT!r})")
+    built = ModelRecipe.from_dict(payload["recipe"]).build(model)
+    built.load_state_dict(payload["state_dict"], strict=True)
+    return built
+
+
+def _export(model: nn.Module, example_input: torch.Tensor | None) -> torch.export.ExportedProgram:
+    """``torch.export`` in eval mode with a dynamic batch size."""
+    if example_input is None:
+        shape = _traced_input_shape(model)
+        example_input = torch.randn(2, *shape) if shape else torch.cat([default_example_input(model)] * 2)
+    training = model.training
+    try:
+        return torch.export.export(model.eval(), (example_input,),
+                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    finally:
+        model.train(training)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        for k, item in value.items():
+            _check_plain(item, f"{where}.{k}")
+        return
+    raise ValueError(f"{where} = {value!r} cannot be stored safely: use str, int, float, bool, None, "
+                     "or lists, tuples and str-keyed dicts of them (a head kind by name, not a factory)")
+
+
+def _check_safe_archive(path: Path) -> None:
+    """Every pickled part of a ``.pt2`` archive must load with ``weights_only=True``.
+
+    reason: ``torch.export.load`` unpickles weights marked ``use_pickle`` and falls back
+    to ``weights_only=False`` when a safe load fails; refuse such archives instead.
+    """
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+        pickled = {n for n in names if n.endswith(".pt")}
+        for config in (n for n in names if n.endswith("_config.json")):
+            entries = json.loads(archive.read(config)).get("config", {}).values()
+            folder = config.rsplit("/", 1)[0]
+            pickled |= {f"{folder}/{e['path_name']}" for e in entries if e.get("use_pickle")}
+        for name in sorted(pickled):
+            try:
+                torch.load(io.BytesIO(archive.read(name)), weights_only=True, map_location="cpu")
+            except Exception as e:  # noqa: BLE001  (reason: any failure here means unsafe or corrupt)
+                raise ValueError(f"refusing to load {path}: its part {name!r} does not load with "
+                                 f"weights_only=True ({type(e).__name__})") from None

@@ -1,0 +1,11 @@
+"""The names users choose from: one definition each, importable without torch (the command line's
+``--help`` lists them before anything heavy is imported)."""
+
+__all__ = ["MODES", "HEAD_KINDS", "BOUNDARIES", "BALANCES", "LEVELS", "FORMATS"]
+
+MODES = ("relay", "greedy", "deep", "standard")
+HEAD_KINDS = ("auto", "linear", "layercnn", "dgl")
+BOUNDARIES = ("auto", "pool", "blocks")
+BALANCES = ("flops", "memory")
+LEVELS = ("stage", "node")
+FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf", ".dot": None, ".gv": None}  # reason: suffix -> graphviz

@@ -14,6 +14,7 @@ from .data import ClassAwareSampler, Shapes
 from .deploy import deploy
 from .fold import fold_bn, fold_report
 from .heads import make_head
+from .localstep import LocalStep, LocalStepResult
 from .outputs import HeadOutputs, head_losses, head_outputs
 from .partition import partition
 from .plan import Head, Plan, Stage
@@ -27,6 +28,8 @@ __all__ = [
     "GraphvizNotFound",
     "Head",
     "HeadOutputs",
+    "LocalStep",
+    "LocalStepResult",
     "Plan",
     "Shapes",
     "Stage",

@@ -297,7 +297,9 @@ def _staged_graph(plan: Plan, scopes: tuple[StageScope, ...]) -> fx.Graph:
 def _channel_args(graph: fx.Graph, copies: dict, name: str, channels: tuple[int, ...]) -> list[fx.Node]:
     if channels:
         return [_copy(copies, name, c) for c in channels]
-    return [graph.call_function(detach_scope, (_copy(copies, name, None),))]
+    # reason: a scoped producer has only per-channel copies (equal values); any one is detached
+    node = copies.get((name, None)) or next(v for (n, _), v in copies.items() if n == name)
+    return [graph.call_function(detach_scope, (node,))]
 
 
 def _copy(copies: dict, name: str, channel: int | None) -> fx.Node:

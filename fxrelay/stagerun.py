@@ -1,0 +1,561 @@
+"""Stage-by-stage execution of a transformed model on explicit values.
+
+The one-line step (``criterion(model(x), y).backward()``) keeps the whole forward for one
+backward at the end. This engine computes the same gradients stage by stage, with the
+values that cross stage boundaries held explicitly, so that a schedule decides when each
+stage's backward runs, when its activations are freed and on which process it lives:
+
+* :func:`stage_backward` is the per-stage backward math and nothing else: given the
+  cotangents of a stage's outputs per gradient channel (see :mod:`fxrelay.scopes`), one
+  parameter pass with their sum and one input pass per channel that continues below the
+  stage; a single pass when only one channel is live.
+* :class:`StageRunner` runs a set of stages (all of them, or one process's contiguous
+  group) on one micro-batch (a :class:`Tape`): each stage's forward on detached copies of
+  its inputs, each head's loss as soon as its stage ran, and each stage's backward as soon
+  as every cotangent it needs has arrived (a count per stage and channel, like autograd's
+  own dependency counting). A channel's input pass at a stage runs when that channel's
+  cotangents are complete; the parameter pass, which frees the stage's activations, runs
+  when the last channel covering the stage is complete. So greedy frees a stage right
+  after its own head's loss, relay after the last window containing it, deep at the end.
+
+Values read or produced on other processes go through a transport
+(:mod:`fxrelay.parallel`); parameter gradients go to ``.grad`` through autograd (hooks
+fire), or to a sink (:class:`AllReduceSink`) that all-reduces them for data parallelism.
+
+Example:
+    >>> import fxrelay, torch, torch.nn.functional as F, torchvision
+    >>> model = fxrelay.transform(torchvision.models.resnet18(num_classes=10), "greedy")
+    >>> runner = StageRunner(model, F.cross_entropy)
+    >>> tape = runner.forward(runner.tape((torch.randn(2, 3, 32, 32),), torch.tensor([1, 2])))
+    >>> runner.finish(tape).losses.keys() == set(range(len(fxrelay.plan_of(model).heads)))
+    True
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .plan import Head, Plan
+from .rewrite import plan_of
+from .scopes import StageScope, gradient_channels, producing_stages
+
+__all__ = ["StageGrads", "stage_backward", "Wiring", "wiring", "Tape", "TapeResult", "Transport",
+           "StageRunner", "AllReduceSink"]
+
+
+# --- accessors of the transformed model's internals (kept here so they can be re-pointed) ---
+
+def _plan(model: nn.Module) -> Plan:
+    return plan_of(model)
+
+
+def _stage_module(model: nn.Module, index: int) -> nn.Module:
+    return getattr(model.stages, str(index))
+
+
+def _aux_head_module(model: nn.Module, aux_index: int) -> nn.Module:
+    return getattr(model.heads, str(aux_index))
+
+
+def _is_main(head: Head) -> bool:
+    return head.kind == "main"
+
+
+def _model_output(plan: Plan) -> Any:
+    """The model output's structure, with fx nodes as leaves."""
+    return plan.output_node.args[0]
+
+
+# --- the per-stage backward math ---
+
+class StageGrads(NamedTuple):
+    """What :func:`stage_backward` computed.
+
+    Attributes:
+        params: per parameter, its gradient (``None``: unused), or ``None`` when the
+            gradients were accumulated into ``.grad``.
+        inputs: ``(input index, channel) -> gradient`` for every channel that continues
+            into a differentiable input (the gradient is ``None`` when nothing flowed).
+    """
+
+    params: tuple[torch.Tensor | None, ...] | None
+    inputs: dict[tuple[int, int], torch.Tensor | None]
+
+
+def stage_backward(outputs: Sequence[Any], cotangents: Mapping[int, Sequence[torch.Tensor | None]],
+                   params: Sequence[torch.Tensor], leaves: Sequence[Any],
+                   input_channels: Sequence[Sequence[int]], *, accumulate: bool = True,
+                   retain_graph: bool = False) -> StageGrads:
+    """The backward of one stage forward, per gradient channel.
+
+    The parameter gradient is the vector-Jacobian product with the *sum* of all channels'
+    cotangents (one pass); each channel that continues below the stage gets its own
+    input-only pass, so the input gradient of channel ``c`` carries only the losses of
+    ``c``. When one channel alone is live, its parameter and input gradients come from a
+    single pass. Pure: it only calls autograd on the given graph.
+
+    Args:
+        outputs: the stage's outputs, computed with grad from ``leaves`` (non-tensor
+            outputs and outputs that do not require grad are skipped).
+        cotangents: ``channel -> per-output cotangent`` (``None``: no gradient for that
+            output); the channels of the parameter pass.
+        params: the parameters to differentiate (empty: no parameter pass).
+        leaves: the stage's inputs as the forward saw them (detached tensors that require
+            grad where a gradient may continue; anything else is passed over).
+        input_channels: per input, the channels whose gradient continues into it; only
+            channels also in ``cotangents`` get an input pass.
+        accumulate: accumulate parameter gradients into ``.grad`` through autograd (so
+            ``post_accumulate_grad`` hooks fire) instead of returning them.
+        retain_graph: keep the graph for later passes over the same outputs.
+
+    Returns:
+        The parameter gradients (unless accumulated) and the per-channel input gradients.
+    """
+    outs = [o if isinstance(o, torch.Tensor) and o.requires_grad else None for o in outputs]
+    live = {c: tuple(g if o is not None else None for o, g in zip(outs, cots)) for c, cots in cotangents.items()}
+    live = {c: cots for c, cots in live.items() if any(g is not None for g in cots)}
+    targets = {c: [i for i, chans in enumerate(input_channels) if c in chans and _differentiable(leaves[i])]
+               for c in cotangents}
+    grads: dict[tuple[int, int], torch.Tensor | None] = {(i, c): None for c, idx in targets.items() for i in idx}
+    passes = [c for c in live if targets[c]]
+    params = list(params) if live else []
+    param_grads: tuple[torch.Tensor | None, ...] | None = None if accumulate else tuple(None for _ in params)
+    if params and len(live) == 1 and passes:  # reason: one live channel: parameters and inputs in one pass
+        c = passes[0]
+        param_grads, leaf_grads = _vjp(outs, live[c], params, [leaves[i] for i in targets[c]], accumulate,
+                                       retain_graph)
+        grads.update({(i, c): g for i, g in zip(targets[c], leaf_grads)})
+        return StageGrads(param_grads, grads)
+    if params:
+        totals = [_sum([cots[o] for cots in live.values()]) for o in range(len(outs))]
+        param_grads, _ = _vjp(outs, totals, params, [], accumulate, retain_graph or bool(passes))
+    for n, c in enumerate(passes):
+        _, leaf_grads = _vjp(outs, live[c], [], [leaves[i] for i in targets[c]], accumulate,
+                             retain_graph or n < len(passes) - 1)
+        grads.update({(i, c): g for i, g in zip(targets[c], leaf_grads)})
+    return StageGrads(param_grads, grads)
+
+
+def _vjp(outs: list[torch.Tensor | None], cots: Sequence[torch.Tensor | None], params: list[torch.Tensor],
+         leaves: list[torch.Tensor], accumulate: bool,
+         retain: bool) -> tuple[tuple[torch.Tensor | None, ...] | None, tuple[torch.Tensor | None, ...]]:
+    pairs = [(o, g) for o, g in zip(outs, cots) if o is not None and g is not None]
+    wrt = [*params, *leaves]
+    if not pairs or not wrt:
+        return (None if accumulate else tuple(None for _ in params)), tuple(None for _ in leaves)
+    if not accumulate:
+        grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], retain_graph=retain,
+                                    allow_unused=True)
+        return grads[:len(params)], grads[len(params):]
+    for leaf in leaves:
+        leaf.grad = None
+    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], retain_graph=retain, inputs=wrt)
+    leaf_grads = tuple(leaf.grad for leaf in leaves)
+    for leaf in leaves:
+        leaf.grad = None
+    return None, leaf_grads
+
+
+def _differentiable(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+def _sum(values: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    total = present[0]
+    for v in present[1:]:
+        total = total + v
+    return total
+
+
+# --- static wiring: who produces and who reads every cut value ---
+
+@dataclass(frozen=True)
+class Read:
+    """One gradient-carrying read of a cut value.
+
+    Attributes:
+        value: the value's name.
+        channel: the gradient channel the reader's cotangent belongs to.
+        stage: the stage whose process runs the reader (a head: the stage it reads).
+    """
+
+    value: str
+    channel: int
+    stage: int
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """The data flow between the stages and heads of a transformed model (static).
+
+    Attributes:
+        plan: the model's Plan.
+        scopes: the gradient channels of every stage.
+        producer: value name -> producing stage (-1: a model input).
+        position: value name -> its index in the producer's outputs (or in the model inputs).
+        reads: every gradient-carrying read; its index names the cotangent it sends back.
+        stage_reads: ``(stage, input index, channel) -> read index``.
+        head_values: per head, the names of the values it reads (the main head: the
+            leaves of the model output, in order).
+        head_reads: ``(head, value position) -> read index`` (absent: no gradient).
+        expected: ``(stage, channel) -> number of reads`` whose cotangents it waits for.
+    """
+
+    plan: Plan
+    scopes: tuple[StageScope, ...]
+    producer: dict[str, int]
+    position: dict[str, int]
+    reads: tuple[Read, ...]
+    stage_reads: dict[tuple[int, int, int], int]
+    head_values: tuple[tuple[str, ...], ...]
+    head_reads: dict[tuple[int, int], int]
+    expected: dict[tuple[int, int], int]
+
+    def readers(self, value: str) -> list[int]:
+        """The stages reading ``value`` in the forward (consumer stages and head stages)."""
+        stages = [s.index for s in self.plan.stages if value in s.inputs]
+        return stages + [h.stage for h, names in zip(self.plan.heads, self.head_values) if value in names]
+
+
+def wiring(model: nn.Module) -> Wiring:
+    """The :class:`Wiring` of a transformed model."""
+    plan = _plan(model)
+    scopes = gradient_channels(producing_stages(plan), plan.heads)
+    producer = {name: -1 for name in plan.input_names}
+    position = {name: i for i, name in enumerate(plan.input_names)}
+    for s in plan.stages:
+        producer.update({name: s.index for name in s.outputs})
+        position.update({name: o for o, name in enumerate(s.outputs)})
+    reads: list[Read] = []
+    stage_reads = {}
+    for s, scope in zip(plan.stages, scopes):
+        for i, (name, chans) in enumerate(zip(s.inputs, scope.input_channels)):
+            for c in chans:
+                stage_reads[(s.index, i, c)] = len(reads)
+                reads.append(Read(name, c, s.index))
+    output_names: list[str] = []
+    fx.node.map_arg(_model_output(plan), lambda n: output_names.append(n.name))
+    head_values, head_reads = [], {}
+    for h in plan.heads:
+        names = tuple(output_names) if _is_main(h) else (plan.stages[h.stage].outputs[-1],)
+        head_values.append(names)
+        for pos, name in enumerate(names):
+            channel = _read_channel(scopes, producer[name], h.window[0])
+            if channel is not None:
+                head_reads[(h.index, pos)] = len(reads)
+                reads.append(Read(name, channel, h.stage))
+    expected = {(s, c): 0 for s, scope in enumerate(scopes) for c in scope.channels}
+    for r in reads:
+        if producer[r.value] >= 0:
+            expected[(producer[r.value], r.channel)] += 1
+    return Wiring(plan, scopes, producer, position, tuple(reads), stage_reads, tuple(head_values), head_reads,
+                  expected)
+
+
+def _read_channel(scopes: Sequence[StageScope], stage: int, lo: int) -> int | None:
+    """The channel a head of window ``lo..`` reads stage ``stage``'s value in (None: no gradient)."""
+    if stage < 0:
+        return 0 if lo == 0 else None
+    channels = scopes[stage].channels
+    if lo in channels:
+        return lo
+    # reason: the one-line graph reads a single-channel stage's plain output whatever the head's window
+    return channels[0] if len(channels) == 1 else None
+
+
+# --- one micro-batch ---
+
+@dataclass
+class _StageState:
+    leaves: list[Any]
+    outs: tuple[Any, ...]
+    cotangents: dict[int, list[torch.Tensor | None]]
+    pending: dict[int, int]
+    ready: set[int] = field(default_factory=set)
+    passed: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Tape:
+    """The state of one micro-batch on one process: forward values still needed, stage
+    graphs awaiting their backward, head losses.
+
+    Attributes:
+        index: the micro-batch's index within the step (names its messages).
+        inputs: the model inputs.
+        target: the criterion's target.
+        loss_scale: factor on every head's loss (``1/M`` for ``M`` micro-batches).
+    """
+
+    index: int
+    inputs: tuple[Any, ...]
+    target: Any
+    loss_scale: float
+    env: dict[str, Any] = field(default_factory=dict)
+    uses: dict[str, int] = field(default_factory=dict)
+    states: dict[int, _StageState] = field(default_factory=dict)
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    output: Any = None
+
+
+@dataclass(frozen=True)
+class TapeResult:
+    """The outcome of one micro-batch on one process.
+
+    Attributes:
+        losses: head index -> its (unweighted, detached) loss, for the heads run here.
+        output: the main head's output (detached), where the main head ran here.
+    """
+
+    losses: dict[int, torch.Tensor]
+    output: Any
+
+
+class Transport(Protocol):
+    """How a :class:`StageRunner` exchanges values with runners on other processes."""
+
+    def recv_value(self, tape: Tape, name: str) -> Any:
+        """The value ``name`` of ``tape``'s micro-batch, produced on another process."""
+
+    def send_value(self, tape: Tape, name: str, value: Any) -> None:
+        """Send a locally produced value to the processes reading it."""
+
+    def send_grad(self, tape: Tape, read: int, grad: torch.Tensor | None) -> None:
+        """Send the cotangent of read ``read`` (a local reader) to the value's producer."""
+
+
+class StageRunner:
+    """Runs a set of stages of a transformed model on explicit values, one micro-batch at a time.
+
+    Args:
+        model: a model made by :func:`fxrelay.transform`, in train mode.
+        criterion: ``criterion(logits, target) -> scalar loss``, applied to every head.
+        stages: the stages run here (default: all); values and cotangents crossing to
+            other stages go through ``transport``.
+        grad_scaler: a ``torch.amp.GradScaler``: each head's loss is scaled before its
+            backward.
+        grad_sink: ``sink(params, grads)`` receives every parameter pass's gradients
+            instead of ``.grad`` (data parallelism, :class:`AllReduceSink`).
+        transport: required when ``stages`` is not every stage.
+    """
+
+    def __init__(self, model: nn.Module, criterion: Callable[[Any, Any], torch.Tensor], *,
+                 stages: Sequence[int] | None = None, grad_scaler: Any = None,
+                 grad_sink: Callable[[list[torch.Tensor], Sequence[torch.Tensor | None]], None] | None = None,
+                 transport: Transport | None = None):
+        self.model = model
+        self.wiring = wiring(model)
+        plan = self.wiring.plan
+        self.stages = tuple(sorted(range(len(plan.stages)) if stages is None else stages))
+        if transport is None and len(self.stages) != len(plan.stages):
+            raise ValueError("a StageRunner over some of the stages needs a transport")
+        self.criterion, self.grad_scaler, self.grad_sink, self.transport = criterion, grad_scaler, grad_sink, transport
+        local = set(self.stages)
+        self.heads = tuple(h for h in plan.heads if h.stage in local)
+        self._aux_index = {h.index: k for k, h in enumerate(h for h in plan.heads if not _is_main(h))}
+        uses: dict[str, int] = {}
+        for s in self.stages:
+            for name in plan.stages[s].inputs:
+                uses[name] = uses.get(name, 0) + 1
+        for h in self.heads:
+            for name in self.wiring.head_values[h.index]:
+                uses[name] = uses.get(name, 0) + 1
+        self._uses = uses
+        self.exported = {name for s in self.stages for name in plan.stages[s].outputs
+                         if any(r not in local for r in self.wiring.readers(name))}
+        self.remote_reads = tuple(k for k, r in enumerate(self.wiring.reads)
+                                  if self.wiring.producer[r.value] in local and r.stage not in local)
+
+    def tape(self, inputs: tuple[Any, ...], target: Any, *, index: int = 0, loss_scale: float = 1.0) -> Tape:
+        """A new micro-batch."""
+        plan = self.wiring.plan
+        if len(inputs) != len(plan.input_names):
+            raise ValueError(f"the model takes {len(plan.input_names)} input(s), got {len(inputs)}")
+        tape = Tape(index, tuple(inputs), target, loss_scale, uses=dict(self._uses))
+        tape.env.update((name, v) for name, v in zip(plan.input_names, inputs) if name in tape.uses)
+        return tape
+
+    def forward(self, tape: Tape) -> Tape:
+        """Run the local stages and heads on ``tape``, with every backward that becomes ready."""
+        plan, scopes = self.wiring.plan, self.wiring.scopes
+        for s in self.stages:
+            stage, scope = plan.stages[s], scopes[s]
+            leaves = [_leaf(self._take(tape, name), bool(chans)) for name, chans in zip(stage.inputs,
+                                                                                     scope.input_channels)]
+            with torch.set_grad_enabled(bool(scope.channels)):
+                result = _stage_module(self.model, s)(*leaves)
+            outs = (result,) if len(stage.outputs) == 1 else tuple(result)
+            for name, value in zip(stage.outputs, outs):
+                if tape.uses.get(name):
+                    tape.env[name] = value
+                if name in self.exported:
+                    self.transport.send_value(tape, name, value)
+            if scope.channels:
+                tape.states[s] = _StageState(
+                    leaves, outs, {c: [None] * len(outs) for c in scope.channels},
+                    {c: self.wiring.expected[(s, c)] for c in scope.channels})
+            for h in self.heads:
+                if h.stage == s:
+                    self._run_head(tape, h)
+            for c in scope.channels:
+                if s in tape.states and c not in tape.states[s].ready and tape.states[s].pending[c] == 0:
+                    self._ready(tape, s, c)
+        return tape
+
+    def deliver(self, tape: Tape, read: int, grad: torch.Tensor | None) -> None:
+        """The cotangent of read ``read``: from a local reader, or received from another process."""
+        r = self.wiring.reads[read]
+        t = self.wiring.producer[r.value]
+        if t < 0:
+            value = tape.inputs[self.wiring.position[r.value]]
+            if grad is not None and _differentiable(value):
+                torch.autograd.backward([value], [grad])
+            return
+        if t not in self.stages:
+            self.transport.send_grad(tape, read, grad)
+            return
+        state = tape.states[t]
+        o = self.wiring.position[r.value]
+        cots = state.cotangents[r.channel]
+        if grad is not None:
+            cots[o] = grad if cots[o] is None else cots[o] + grad
+        state.pending[r.channel] -= 1
+        if state.pending[r.channel] == 0:
+            self._ready(tape, t, r.channel)
+
+    def finish(self, tape: Tape) -> TapeResult:
+        """The micro-batch's losses and output, once every local backward has run.
+
+        Raises:
+            RuntimeError: a local stage still waits for cotangents (a schedule error).
+        """
+        if tape.states:
+            raise RuntimeError(f"stages {sorted(tape.states)} still wait for gradients from other processes")
+        return TapeResult(dict(tape.losses), tape.output)
+
+    def _take(self, tape: Tape, name: str) -> Any:
+        if name not in tape.env:
+            tape.env[name] = self.transport.recv_value(tape, name)
+        value = tape.env[name]
+        tape.uses[name] -= 1
+        if tape.uses[name] == 0:
+            del tape.env[name]  # reason: the last local reader ran; stage graphs hold what backward needs
+        return value
+
+    def _run_head(self, tape: Tape, head: Head) -> None:
+        names = self.wiring.head_values[head.index]
+        reads = [self.wiring.head_reads.get((head.index, pos)) for pos in range(len(names))]
+        leaves = [_leaf(self._take(tape, name), r is not None) for name, r in zip(names, reads)]
+        if _is_main(head):
+            module, params = None, []
+            it = iter(leaves)
+            logits = fx.node.map_arg(_model_output(self.wiring.plan), lambda n: next(it))
+        else:
+            module = _aux_head_module(self.model, self._aux_index[head.index])
+            params = [p for p in module.parameters() if p.requires_grad]
+            logits = module(leaves[0])
+        loss = self.criterion(logits, tape.target)
+        if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+            raise ValueError(f"criterion must return a scalar tensor, got {type(loss).__name__} "
+                             f"of shape {tuple(getattr(loss, 'shape', ()))}")
+        tape.losses[head.index] = loss.detach()
+        if _is_main(head):
+            tape.output = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, logits)
+        weighted = loss * (head.weight * tape.loss_scale)
+        if self.grad_scaler is not None:
+            weighted = self.grad_scaler.scale(weighted)
+        grads = self._backward(params, (weighted,), {0: [torch.ones_like(weighted)]}, leaves,
+                               [(0,) if r is not None else () for r in reads], retain=False)
+        for pos, r in enumerate(reads):
+            if r is not None:
+                self.deliver(tape, r, grads.get((pos, 0)))
+
+    def _ready(self, tape: Tape, s: int, c: int) -> None:
+        state, scope = tape.states[s], self.wiring.scopes[s]
+        state.ready.add(c)
+        if len(state.ready) == len(scope.channels):
+            todo = set(scope.channels) - state.passed
+            channels = [tuple(x for x in chans if x in todo) for chans in scope.input_channels]
+            params = [p for p in _stage_module(self.model, s).parameters() if p.requires_grad]
+            grads = self._backward(params, state.outs, state.cotangents, state.leaves, channels, retain=False)
+            del tape.states[s]  # reason: the stage's graph is freed; its activations with it
+        elif any(c in chans for chans in scope.input_channels):
+            channels = [tuple(x for x in chans if x == c) for chans in scope.input_channels]
+            grads = self._backward([], state.outs, {c: state.cotangents[c]}, state.leaves, channels, retain=True)
+            state.passed.add(c)
+        else:
+            return
+        for i, chans in enumerate(channels):
+            for x in chans:
+                self.deliver(tape, self.wiring.stage_reads[(s, i, x)], grads.get((i, x)))
+
+    def _backward(self, params: list[torch.Tensor], outs: Sequence[Any], cotangents: Mapping[int, Sequence],
+                  leaves: Sequence[Any], channels: Sequence[Sequence[int]],
+                  retain: bool) -> dict[tuple[int, int], torch.Tensor | None]:
+        result = stage_backward(outs, cotangents, params, leaves, channels, accumulate=self.grad_sink is None,
+                                retain_graph=retain)
+        if self.grad_sink is not None and params:
+            self.grad_sink(params, result.params)
+        return result.inputs
+
+
+def _leaf(value: Any, differentiable: bool) -> Any:
+    """A stage's own copy of an input: detached; requires grad where a gradient continues into it."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.detach().requires_grad_(differentiable and value.requires_grad)
+
+
+class AllReduceSink:
+    """Data parallelism for a :class:`StageRunner`: each parameter pass's gradients are
+    all-reduced asynchronously right away (one bucket per pass and dtype); :meth:`finish`
+    waits, averages over the group and accumulates into ``.grad``.
+
+    Every process of the group must run the same model on its own shard of the batch:
+    the passes, and so the collectives, come in the same order everywhere.
+
+    Args:
+        group: the process group of the replicas (``None``: the default group).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self._pending: list[tuple[list[torch.Tensor], torch.Tensor, Any]] = []
+
+    def __call__(self, params: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        by_dtype: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p, g in zip(params, grads):
+            if g is not None:
+                by_dtype.setdefault(g.dtype, []).append((p, g))
+        for pairs in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for _, g in pairs])
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            self._pending.append(([p for p, _ in pairs], flat, work))
+
+    def finish(self) -> float:
+        """Wait for every all-reduce, accumulate the averages into ``.grad``; returns seconds waited."""
+        size = dist.get_world_size(self.group)
+        waited = 0.0
+        for params, flat, work in self._pending:
+            start = time.perf_counter()
+            work.wait()
+            waited += time.perf_counter() - start
+            flat /= size
+            offset = 0
+            for p in params:
+                g = flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        self._pending.clear()
+        return waited

@@ -35,7 +35,7 @@ from torch import nn
 from .plan import Head, Plan
 
 __all__ = ["StageScope", "gradient_channels", "producing_stages", "scoped_stage", "detach_scope",
-           "backward_flops"]
+           "backward_flops", "stage_backward_flops"]
 
 
 @dataclass(frozen=True)
@@ -88,14 +88,16 @@ def backward_flops(plan: Plan) -> int:
     a scoped stage adds one input-gradient pass (one forward's worth) per channel
     that continues below it; each head costs twice its forward.
     """
-    scopes = gradient_channels(producing_stages(plan), plan.heads)
-    total = 2 * sum(h.flops for h in plan.heads)
-    for stage, scope in zip(plan.stages, scopes):
-        if not scope.channels:
-            continue
+    return 2 * sum(h.flops for h in plan.heads) + sum(stage_backward_flops(plan))
+
+
+def stage_backward_flops(plan: Plan) -> list[int]:
+    """Per stage, the theoretical backward FLOPs per sample of the stage alone (see :func:`backward_flops`)."""
+    flops = []
+    for stage, scope in zip(plan.stages, gradient_channels(producing_stages(plan), plan.heads)):
         passing = {c for chans in scope.input_channels for c in chans}
-        total += stage.flops * (2 + (len(passing) if scope.scoped else 0))
-    return total
+        flops.append(stage.flops * (2 + (len(passing) if scope.scoped else 0)) if scope.channels else 0)
+    return flops
 
 
 def detach_scope(value: Any) -> Any:

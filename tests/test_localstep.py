@@ -181,6 +181,7 @@ def test_bad_input():
 
 
 def _data_parallel_worker(rank: int, init: str, world: int) -> None:
+    torch.set_num_threads(1)  # reason: several processes share the cores
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.manual_seed(0)

@@ -210,8 +210,8 @@ class StageParallel:
         lag = self.pipeline - 1 - self.rank_in_pipeline  # reason: cotangents come back after the ranks above ran
         tapes: list[Tape] = []
         for m in range(self.microbatches):
-            tapes.append(self.runner.forward(self.runner.tape(chunks[m], targets[m], index=m,
-                                                              loss_scale=1 / self.microbatches)))
+            tape = self.runner.tape(chunks[m], targets[m], index=m, loss_scale=1 / self.microbatches)
+            tapes.append(self.runner.forward(tape, heads_last=True))  # reason: activations leave first
             if m >= lag:
                 self._backward(tapes[m - lag])
         for m in range(max(0, self.microbatches - lag), self.microbatches):
@@ -225,6 +225,20 @@ class StageParallel:
         outputs = [r.output for r in results if isinstance(r.output, torch.Tensor)]
         return StepStats(time.perf_counter() - start, self._transport.waiting, losses,
                          torch.cat(outputs) if outputs else None)
+
+    def gather_model(self) -> nn.Module:
+        """Copy every stage's and head's parameters and buffers from its owner (replica 0's
+        rank) to every rank, so that each rank holds the whole trained model (to evaluate or
+        save it). Collective: every rank must call it.
+        """
+        aux = [h for h in self.plan.heads if not _is_main(h)]
+        for r, group in enumerate(self.placement):
+            modules = [_stage_module(self.model, s) for s in group]
+            modules += [_aux_head_module(self.model, n) for n, h in enumerate(aux) if h.stage in group]
+            for m in modules:
+                for t in [*m.parameters(), *m.buffers()]:
+                    dist.broadcast(t.data, src=r)
+        return self.model
 
     def _backward(self, tape: Tape) -> None:
         for read in self.runner.remote_reads:

@@ -386,32 +386,49 @@ class StageRunner:
         tape.env.update((name, v) for name, v in zip(plan.input_names, inputs) if name in tape.uses)
         return tape
 
-    def forward(self, tape: Tape) -> Tape:
-        """Run the local stages and heads on ``tape``, with every backward that becomes ready."""
-        plan, scopes = self.wiring.plan, self.wiring.scopes
+    def forward(self, tape: Tape, *, heads_last: bool = False) -> Tape:
+        """Run the local stages and heads on ``tape``, with every backward that becomes ready.
+
+        Args:
+            heads_last: run every local stage before the first head, so that values for
+                other processes leave sooner (a pipeline's fill); the local stages' graphs
+                of this micro-batch then live until the heads ran. Default: each head
+                right after its stage (least memory).
+        """
         for s in self.stages:
-            stage, scope = plan.stages[s], scopes[s]
-            leaves = [_leaf(self._take(tape, name), bool(chans)) for name, chans in zip(stage.inputs,
-                                                                                     scope.input_channels)]
-            with torch.set_grad_enabled(bool(scope.channels)):
-                result = _stage_module(self.model, s)(*leaves)
-            outs = (result,) if len(stage.outputs) == 1 else tuple(result)
-            for name, value in zip(stage.outputs, outs):
-                if tape.uses.get(name):
-                    tape.env[name] = value
-                if name in self.exported:
-                    self.transport.send_value(tape, name, value)
-            if scope.channels:
-                tape.states[s] = _StageState(
-                    leaves, outs, {c: [None] * len(outs) for c in scope.channels},
-                    {c: self.wiring.expected[(s, c)] for c in scope.channels})
-            for h in self.heads:
-                if h.stage == s:
-                    self._run_head(tape, h)
-            for c in scope.channels:
-                if s in tape.states and c not in tape.states[s].ready and tape.states[s].pending[c] == 0:
-                    self._ready(tape, s, c)
+            self._forward_stage(tape, s)
+            if not heads_last:
+                self._run_heads(tape, s)
+        if heads_last:
+            for s in self.stages:
+                self._run_heads(tape, s)
         return tape
+
+    def _forward_stage(self, tape: Tape, s: int) -> None:
+        plan, scopes = self.wiring.plan, self.wiring.scopes
+        stage, scope = plan.stages[s], scopes[s]
+        leaves = [_leaf(self._take(tape, name), bool(chans))
+                  for name, chans in zip(stage.inputs, scope.input_channels)]
+        with torch.set_grad_enabled(bool(scope.channels)):
+            result = _stage_module(self.model, s)(*leaves)
+        outs = (result,) if len(stage.outputs) == 1 else tuple(result)
+        for name, value in zip(stage.outputs, outs):
+            if tape.uses.get(name):
+                tape.env[name] = value
+            if name in self.exported:
+                self.transport.send_value(tape, name, value)
+        if scope.channels:
+            tape.states[s] = _StageState(
+                leaves, outs, {c: [None] * len(outs) for c in scope.channels},
+                {c: self.wiring.expected[(s, c)] for c in scope.channels})
+        for c in scope.channels:
+            if s in tape.states and self.wiring.expected[(s, c)] == 0:
+                self._ready(tape, s, c)  # reason: no loss reaches the stage through this channel
+
+    def _run_heads(self, tape: Tape, s: int) -> None:
+        for h in self.heads:
+            if h.stage == s:
+                self._run_head(tape, h)
 
     def deliver(self, tape: Tape, read: int, grad: torch.Tensor | None) -> None:
         """The cotangent of read ``read``: from a local reader, or received from another process."""

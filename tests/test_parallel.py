@@ -64,8 +64,20 @@ def _pipeline_worker(rank: int, init: str) -> None:
         # reason: windows (0, 1), (0, 2) and (1, 3) all span the boundary 0|1
         parallel, _ = _check(SkipNet, "relay", {"heads": [1, 2], "window": 3}, shards, stages_per_rank=[1, 3])
         assert [h.window for h in parallel.plan.heads] == [(0, 1), (0, 2), (1, 3)]
+        parallel = StageParallel(fxrelay.transform(SkipNet(), "greedy", example_input=shards[0][0][:1].float()),
+                                 lambda params: torch.optim.SGD(params, lr=0.5), verbose=False)
+        parallel.step(shards[0][0].float(), shards[0][1])
+        assert not _same_everywhere(parallel.model)  # reason: each rank trained only its own stages
+        assert _same_everywhere(parallel.gather_model())
     finally:
         dist.destroy_process_group()
+
+
+def _same_everywhere(model) -> bool:
+    flat = torch.cat([t.flatten().double() for t in model.state_dict().values()])
+    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(copies, flat)
+    return all(torch.equal(copies[0], c) for c in copies)
 
 
 def test_pipeline_of_two_matches_single_process(tmp_path):

@@ -1,0 +1,187 @@
+"""Decoupled stage parallelism (fxrelay.parallel) vs torch.distributed.pipelining, CPU/gloo.
+
+One invocation spawns K processes with one thread each (gloo on 127.0.0.1) and runs,
+round-robin, a full training step (forward, backward, SGD step) over the same global
+batch split into the same M micro-batches:
+
+1. ``greedy``: StageParallel on the greedy transform;
+2. ``relay``: StageParallel on the relay transform (window 2);
+3. ``gpipe``: torch.distributed.pipelining ``ScheduleGPipe`` on the untouched model;
+4. ``1f1b``: ``Schedule1F1B`` on the untouched model;
+5. ``single``: the untouched model in one process with K threads (the other ranks wait),
+   the one-line step accumulated over the M micro-batches.
+
+Each pipeline gets its own FLOPs-balanced contiguous split of the stages (the torch
+schedules: the untouched model's stages, cut at the same single-tensor boundaries).
+Reported: samples/s (global batch / median step time), per-rank busy fraction (CPU time
+of the rank's compute thread / step wall time; on a loaded machine time the OS did not
+schedule the process counts as idle) and throughput ratios to GPipe (medians of
+per-round ratios).
+
+    python examples/bench/pipeline.py                     # timm resnet18, 96 px, batch 64, M=8, K=2
+    python examples/bench/pipeline.py --model vgg11_bn --size 64 --microbatches 4 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import socket
+import statistics
+import time
+from typing import Callable
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+import fxrelay
+from fxrelay.parallel import StageParallel, balance
+
+VARIANTS = ("greedy", "relay", "gpipe", "1f1b", "single")
+
+
+class StageGroup(nn.Module):
+    """Consecutive stages of an untouched model's plan as one module (single-tensor cuts)."""
+
+    def __init__(self, plan: fxrelay.Plan, indices: range):
+        super().__init__()
+        self.plan, self.indices = plan, indices
+        self.stages = nn.ModuleList(plan.stage_modules()[i] for i in indices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.plan.stages[self.indices.start]
+        env = {first.inputs[0]: x}
+        for i, module in zip(self.indices, self.stages):
+            stage = self.plan.stages[i]
+            out = module(*(env[n] for n in stage.inputs))
+            env.update(zip(stage.outputs, out if len(stage.outputs) > 1 else (out,)))
+        return env[self.plan.stages[self.indices.stop - 1].outputs[-1]]
+
+
+def torch_pipeline(schedule_type: type, base: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, m: int,
+                   lr: float) -> Callable[[], None]:
+    """One step of a torch.distributed.pipelining schedule on the untouched model."""
+    plan = fxrelay.partition(base, example_input=x[:1])
+    if any(len(s.inputs) != 1 for s in plan.stages):
+        raise SystemExit(f"{type(base).__name__} has multi-tensor cuts; the torch schedules need single tensors")
+    sizes = balance([float(s.flops) for s in plan.stages], k)
+    rank = dist.get_rank()
+    start = sum(sizes[:rank])
+    group = StageGroup(plan, range(start, start + sizes[rank]))
+    stage = PipelineStage(group, rank, k, torch.device("cpu"))
+    schedule = schedule_type(stage, n_microbatches=m, loss_fn=F.cross_entropy)
+    optimizer = torch.optim.SGD(group.parameters(), lr=lr, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if rank == 0:
+            schedule.step(x)
+        elif rank == k - 1:
+            schedule.step(target=y)
+        else:
+            schedule.step()
+        optimizer.step()
+    return step
+
+
+def single_process(base: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, m: int, lr: float) -> Callable[[], None]:
+    """Rank 0: the untouched model's one-line step over M micro-batches with K threads."""
+    optimizer = torch.optim.SGD(base.parameters(), lr=lr, momentum=0.9)
+
+    def step() -> None:
+        if dist.get_rank() != 0:
+            return
+        torch.set_num_threads(k)
+        optimizer.zero_grad(set_to_none=True)
+        for xs, ys in zip(x.tensor_split(m), y.tensor_split(m)):
+            (F.cross_entropy(base(xs), ys) / m).backward()
+        optimizer.step()
+        torch.set_num_threads(1)
+    return step
+
+
+def worker(rank: int, args: argparse.Namespace, port: int) -> None:
+    torch.set_num_threads(1)
+    k = args.pipeline
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, num_classes=args.classes).train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
+    y = torch.randint(0, args.classes, (args.batch,), generator=g)
+    steps: dict[str, Callable[[], None]] = {}
+    placement = {}
+    for mode in ("greedy", "relay"):
+        model = fxrelay.transform(copy.deepcopy(base), mode, example_input=x[:1], num_stages=args.num_stages)
+        parallel = StageParallel(model, lambda p: torch.optim.SGD(p, lr=args.lr, momentum=0.9),
+                                 microbatches=args.microbatches, verbose=False)
+        placement[mode] = parallel.placement_table()
+        steps[mode] = lambda parallel=parallel: parallel.step(x, y)
+    steps["gpipe"] = torch_pipeline(ScheduleGPipe, copy.deepcopy(base), x, y, k, args.microbatches, args.lr)
+    steps["1f1b"] = torch_pipeline(Schedule1F1B, copy.deepcopy(base), x, y, k, args.microbatches, args.lr)
+    steps["single"] = single_process(copy.deepcopy(base), x, y, k, args.microbatches, args.lr)
+    seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    busy: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    loads = [os.getloadavg()[0]]
+    for rep in range(args.reps + 1):  # reason: round 0 warms up (shape inference, allocator)
+        for name in VARIANTS:
+            dist.barrier()
+            start, cpu = time.perf_counter(), time.thread_time()
+            steps[name]()
+            mine = time.thread_time() - cpu
+            dist.barrier()
+            wall = time.perf_counter() - start
+            if rep:
+                seconds[name].append(wall)
+                busy[name].append(mine / wall)
+    loads.append(os.getloadavg()[0])
+    gathered: list = [None] * k
+    dist.all_gather_object(gathered, busy)
+    if rank == 0:
+        report(args, seconds, gathered, placement, loads)
+    dist.destroy_process_group()
+
+
+def report(args: argparse.Namespace, seconds: dict[str, list[float]], busy: list[dict[str, list[float]]],
+           placement: dict[str, str], loads: list[float]) -> None:
+    print(f"{args.model}, {args.size} px, global batch {args.batch}, {args.microbatches} micro-batches, "
+          f"K={args.pipeline} processes x 1 thread (single: 1 process x {args.pipeline} threads), CPU/gloo, "
+          f"{args.reps} rounds round-robin; 1-min load average {loads[0]:.1f} before, {loads[1]:.1f} after "
+          f"on {os.cpu_count()} cores")
+    for mode, table in placement.items():
+        print(f"\n{mode}: {table}")
+    print("\n| variant | step s | samples/s | vs GPipe | busy per rank |")
+    print("|---|---|---|---|---|")
+    for name in VARIANTS:
+        median = statistics.median(seconds[name])
+        ratio = statistics.median(g / s for g, s in zip(seconds["gpipe"], seconds[name]))
+        ranks = "-" if name == "single" else " / ".join(f"{statistics.median(b[name]):.2f}" for b in busy)
+        print(f"| {name} | {median:.3f} | {args.batch / median:.1f} | {ratio:.2f}x | {ranks} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--pipeline", type=int, default=2)
+    parser.add_argument("--num-stages", type=int, default=None)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(args, port), nprocs=args.pipeline)
+
+
+if __name__ == "__main__":
+    main()

@@ -94,7 +94,6 @@ class LocalStep:
     def __init__(self, model: nn.Module, criterion: Callable[[Any, Any], torch.Tensor], *,
                  grad_scaler: Any = None, process_group: dist.ProcessGroup | None = None):
         self.plan = _plan(model)
-        self.model = model
         self._sink = AllReduceSink(process_group) if process_group is not None else None
         self._runner = StageRunner(model, criterion, grad_scaler=grad_scaler, grad_sink=self._sink)
 
@@ -104,8 +103,6 @@ class LocalStep:
         Raises:
             ValueError: the model is in eval mode, or the criterion is not a scalar.
         """
-        if not self.model.training:
-            raise ValueError("LocalStep trains: call model.train() first (in eval mode, call model(x))")
         inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         tape = self._runner.forward(self._runner.tape(inputs, y))
         result = self._runner.finish(tape)

@@ -273,7 +273,7 @@ class _P2P:
         return self._recv(src, self._tag(tape, 0, self._names[name]))
 
     def send_value(self, tape: Tape, name: str, value: Any) -> None:
-        ranks = {self.rank_of_stage[s] for s in self.wiring.readers(name)} - {dist.get_rank()}
+        ranks = {self.rank_of_stage[s] for s in self.wiring.readers[name]} - {dist.get_rank()}
         for dst in sorted(ranks):
             self._send(value, dst, self._tag(tape, 0, self._names[name]))
 

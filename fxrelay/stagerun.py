@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_map
 
 from .plan import Head, Plan
 from .rewrite import plan_of
-from .scopes import StageScope, gradient_channels, producing_stages
+from .scopes import StageScope, _sum, gradient_channels, producing_stages
 
 __all__ = ["StageGrads", "stage_backward", "Wiring", "wiring", "Tape", "TapeResult", "Transport",
            "StageRunner", "AllReduceSink"]
@@ -168,16 +168,6 @@ def _differentiable(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad
 
 
-def _sum(values: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
-    present = [v for v in values if v is not None]
-    if not present:
-        return None
-    total = present[0]
-    for v in present[1:]:
-        total = total + v
-    return total
-
-
 # --- static wiring: who produces and who reads every cut value ---
 
 @dataclass(frozen=True)
@@ -210,6 +200,8 @@ class Wiring:
             leaves of the model output, in order).
         head_reads: ``(head, value position) -> read index`` (absent: no gradient).
         expected: ``(stage, channel) -> number of reads`` whose cotangents it waits for.
+        readers: value name -> the stages reading it in the forward (consumer stages, and
+            the stages of the heads reading it).
     """
 
     plan: Plan
@@ -221,11 +213,7 @@ class Wiring:
     head_values: tuple[tuple[str, ...], ...]
     head_reads: dict[tuple[int, int], int]
     expected: dict[tuple[int, int], int]
-
-    def readers(self, value: str) -> list[int]:
-        """The stages reading ``value`` in the forward (consumer stages and head stages)."""
-        stages = [s.index for s in self.plan.stages if value in s.inputs]
-        return stages + [h.stage for h, names in zip(self.plan.heads, self.head_values) if value in names]
+    readers: dict[str, tuple[int, ...]]
 
 
 def wiring(model: nn.Module) -> Wiring:
@@ -259,8 +247,11 @@ def wiring(model: nn.Module) -> Wiring:
     for r in reads:
         if producer[r.value] >= 0:
             expected[(producer[r.value], r.channel)] += 1
+    readers = {name: tuple([s.index for s in plan.stages if name in s.inputs]
+                           + [h.stage for h, names in zip(plan.heads, head_values) if name in names])
+               for name in producer}
     return Wiring(plan, scopes, producer, position, tuple(reads), stage_reads, tuple(head_values), head_reads,
-                  expected)
+                  expected, readers)
 
 
 def _read_channel(scopes: Sequence[StageScope], stage: int, lo: int) -> int | None:
@@ -373,12 +364,18 @@ class StageRunner:
                 uses[name] = uses.get(name, 0) + 1
         self._uses = uses
         self.exported = {name for s in self.stages for name in plan.stages[s].outputs
-                         if any(r not in local for r in self.wiring.readers(name))}
+                         if any(r not in local for r in self.wiring.readers[name])}
         self.remote_reads = tuple(k for k, r in enumerate(self.wiring.reads)
                                   if self.wiring.producer[r.value] in local and r.stage not in local)
 
     def tape(self, inputs: tuple[Any, ...], target: Any, *, index: int = 0, loss_scale: float = 1.0) -> Tape:
-        """A new micro-batch."""
+        """A new micro-batch.
+
+        Raises:
+            ValueError: the model is in eval mode, or ``inputs`` has the wrong length.
+        """
+        if not self.model.training:
+            raise ValueError("stage-by-stage steps train: call model.train() first (in eval mode, call model(x))")
         plan = self.wiring.plan
         if len(inputs) != len(plan.input_names):
             raise ValueError(f"the model takes {len(plan.input_names)} input(s), got {len(inputs)}")

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fxrelay
-from fxrelay.parallel import StageParallel
+from fxrelay.parallel import StageParallel, balance
 from nets import SkipNet
 from oracle import assert_close
 
@@ -123,3 +123,28 @@ def test_bad_input(tmp_path):
             StageParallel(greedy, sgd, microbatches=4, verbose=False).step(*_batch(3))
     finally:
         dist.destroy_process_group()
+
+
+def test_balance_minimises_the_largest_group():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(1, 8, (1,), generator=g))
+        costs = torch.rand(n, generator=g).tolist()
+        for k in range(1, n + 1):
+            sizes = balance(costs, k)
+            assert len(sizes) == k and sum(sizes) == n and min(sizes) >= 1
+            assert _largest(costs, sizes) == pytest.approx(min(_largest(costs, s) for s in _splits(n, k)))
+
+
+def _largest(costs, sizes):
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return max(sum(costs[a:a + n]) for a, n in zip(starts, sizes))
+
+
+def _splits(n, k):
+    if k == 1:
+        yield [n]
+        return
+    for first in range(1, n - k + 2):
+        for rest in _splits(n - first, k - 1):
+            yield [first, *rest]

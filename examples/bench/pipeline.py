@@ -1,8 +1,9 @@
 """Decoupled stage parallelism (fxrelay.parallel) vs torch.distributed.pipelining, CPU/gloo.
 
-One invocation spawns K processes with one thread each (gloo on 127.0.0.1) and runs,
-round-robin, a full training step (forward, backward, SGD step) over the same global
-batch split into the same M micro-batches:
+One invocation spawns K processes with one thread each (gloo on 127.0.0.1) and, for each
+number of micro-batches M, runs round-robin blocks of consecutive training steps (forward,
+backward, SGD step; no barrier between the steps of a block, as in a training loop) over
+the same global batch split into the same M micro-batches:
 
 1. ``greedy``: StageParallel on the greedy transform;
 2. ``relay``: StageParallel on the relay transform (window 2);
@@ -12,14 +13,14 @@ batch split into the same M micro-batches:
    the one-line step accumulated over the M micro-batches.
 
 Each pipeline gets its own FLOPs-balanced contiguous split of the stages (the torch
-schedules: the untouched model's stages, cut at the same single-tensor boundaries).
-Reported: samples/s (global batch / median step time), per-rank busy fraction (CPU time
-of the rank's compute thread / step wall time; on a loaded machine time the OS did not
-schedule the process counts as idle) and throughput ratios to GPipe (medians of
-per-round ratios).
+schedules: the untouched model's stages at the same partition, single-tensor cuts).
+Reported: samples/s (global batch x steps / median block time), per-rank busy fraction
+(CPU time of the rank's compute thread / block wall time: on a loaded machine, time the
+OS did not schedule the process counts as idle) and throughput ratios to GPipe (medians
+of per-round ratios).
 
-    python examples/bench/pipeline.py                     # timm resnet18, 96 px, batch 64, M=8, K=2
-    python examples/bench/pipeline.py --model vgg11_bn --size 64 --microbatches 4 --reps 5
+    python examples/bench/pipeline.py                     # timm resnet18, 96 px, batch 64, M=2,4,8, K=2
+    python examples/bench/pipeline.py --model vgg11_bn --size 64 --microbatches 4 --reps 3
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ class StageGroup(nn.Module):
 
 
 def torch_pipeline(schedule_type: type, base: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, m: int,
-                   lr: float) -> Callable[[], None]:
+                   args: argparse.Namespace) -> Callable[[], None]:
     """One step of a torch.distributed.pipelining schedule on the untouched model."""
-    plan = fxrelay.partition(base, example_input=x[:1])
+    plan = fxrelay.partition(base, example_input=x[:1], num_stages=args.num_stages)
     if any(len(s.inputs) != 1 for s in plan.stages):
         raise SystemExit(f"{type(base).__name__} has multi-tensor cuts; the torch schedules need single tensors")
     sizes = balance([float(s.flops) for s in plan.stages], k)
@@ -76,7 +77,7 @@ def torch_pipeline(schedule_type: type, base: nn.Module, x: torch.Tensor, y: tor
     group = StageGroup(plan, range(start, start + sizes[rank]))
     stage = PipelineStage(group, rank, k, torch.device("cpu"))
     schedule = schedule_type(stage, n_microbatches=m, loss_fn=F.cross_entropy)
-    optimizer = torch.optim.SGD(group.parameters(), lr=lr, momentum=0.9)
+    optimizer = torch.optim.SGD(group.parameters(), lr=args.lr, momentum=0.9)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -115,54 +116,62 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
     y = torch.randint(0, args.classes, (args.batch,), generator=g)
-    steps: dict[str, Callable[[], None]] = {}
+    for m in (int(v) for v in args.microbatches.split(",")):
+        seconds, busy, placement = bench(args, base, x, y, m)
+        gathered: list = [None] * k
+        dist.all_gather_object(gathered, busy)
+        if rank == 0:
+            report(args, m, seconds, gathered, placement)
+    dist.destroy_process_group()
+
+
+def bench(args: argparse.Namespace, base: nn.Module, x: torch.Tensor, y: torch.Tensor,
+          m: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, str]]:
+    """Per variant: seconds per step of each round, this rank's busy fraction of each round."""
+    k = args.pipeline
+    steps: dict[str, Callable[[], object]] = {}
     placement = {}
     for mode in ("greedy", "relay"):
         model = fxrelay.transform(copy.deepcopy(base), mode, example_input=x[:1], num_stages=args.num_stages)
         parallel = StageParallel(model, lambda p: torch.optim.SGD(p, lr=args.lr, momentum=0.9),
-                                 microbatches=args.microbatches, verbose=False)
+                                 microbatches=m, verbose=False)
         placement[mode] = parallel.placement_table()
         steps[mode] = lambda parallel=parallel: parallel.step(x, y)
-    steps["gpipe"] = torch_pipeline(ScheduleGPipe, copy.deepcopy(base), x, y, k, args.microbatches, args.lr)
-    steps["1f1b"] = torch_pipeline(Schedule1F1B, copy.deepcopy(base), x, y, k, args.microbatches, args.lr)
-    steps["single"] = single_process(copy.deepcopy(base), x, y, k, args.microbatches, args.lr)
+    steps["gpipe"] = torch_pipeline(ScheduleGPipe, copy.deepcopy(base), x, y, k, m, args)
+    steps["1f1b"] = torch_pipeline(Schedule1F1B, copy.deepcopy(base), x, y, k, m, args)
+    steps["single"] = single_process(copy.deepcopy(base), x, y, k, m, args.lr)
     seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
     busy: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    loads = [os.getloadavg()[0]]
     for rep in range(args.reps + 1):  # reason: round 0 warms up (shape inference, allocator)
         for name in VARIANTS:
             dist.barrier()
             start, cpu = time.perf_counter(), time.thread_time()
-            steps[name]()
+            for _ in range(args.steps):
+                steps[name]()
             mine = time.thread_time() - cpu
             dist.barrier()
             wall = time.perf_counter() - start
             if rep:
-                seconds[name].append(wall)
+                seconds[name].append(wall / args.steps)
                 busy[name].append(mine / wall)
-    loads.append(os.getloadavg()[0])
-    gathered: list = [None] * k
-    dist.all_gather_object(gathered, busy)
-    if rank == 0:
-        report(args, seconds, gathered, placement, loads)
-    dist.destroy_process_group()
+    return seconds, busy, placement
 
 
-def report(args: argparse.Namespace, seconds: dict[str, list[float]], busy: list[dict[str, list[float]]],
-           placement: dict[str, str], loads: list[float]) -> None:
-    print(f"{args.model}, {args.size} px, global batch {args.batch}, {args.microbatches} micro-batches, "
+def report(args: argparse.Namespace, m: int, seconds: dict[str, list[float]], busy: list[dict[str, list[float]]],
+           placement: dict[str, str]) -> None:
+    print(f"\n{args.model}, {args.size} px, global batch {args.batch}, {m} micro-batches, "
           f"K={args.pipeline} processes x 1 thread (single: 1 process x {args.pipeline} threads), CPU/gloo, "
-          f"{args.reps} rounds round-robin; 1-min load average {loads[0]:.1f} before, {loads[1]:.1f} after "
-          f"on {os.cpu_count()} cores")
+          f"{args.reps} rounds of {args.steps} consecutive steps, round-robin; 1-min load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for mode, table in placement.items():
-        print(f"\n{mode}: {table}")
-    print("\n| variant | step s | samples/s | vs GPipe | busy per rank |")
+        print(f"{mode}: {table}")
+    print("| variant | step s | samples/s | vs GPipe | busy per rank |")
     print("|---|---|---|---|---|")
     for name in VARIANTS:
         median = statistics.median(seconds[name])
         ratio = statistics.median(g / s for g, s in zip(seconds["gpipe"], seconds[name]))
         ranks = "-" if name == "single" else " / ".join(f"{statistics.median(b[name]):.2f}" for b in busy)
-        print(f"| {name} | {median:.3f} | {args.batch / median:.1f} | {ratio:.2f}x | {ranks} |")
+        print(f"| {name} | {median:.3f} | {args.batch / median:.1f} | {ratio:.2f}x | {ranks} |", flush=True)
 
 
 def main() -> None:
@@ -170,11 +179,12 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--microbatches", default="2,4,8", help="comma-separated values of M")
+    parser.add_argument("--steps", type=int, default=3, help="consecutive steps per timed block")
     parser.add_argument("--pipeline", type=int, default=2)
     parser.add_argument("--num-stages", type=int, default=None)
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     with socket.socket() as s:

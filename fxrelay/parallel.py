@@ -217,7 +217,7 @@ class StageParallel:
         for m in range(max(0, self.microbatches - lag), self.microbatches):
             self._backward(tapes[m])
         results = [self.runner.finish(t) for t in tapes]
-        self._transport.flush()
+        self._transport.end_step()
         if self._sink is not None:
             self._transport.waiting += self._sink.finish()
         self.optimizer.step()
@@ -231,6 +231,7 @@ class StageParallel:
         rank) to every rank, so that each rank holds the whole trained model (to evaluate or
         save it). Collective: every rank must call it.
         """
+        self._transport.drain()
         aux = [h for h in self.plan.heads if not _is_main(h)]
         for r, group in enumerate(self.placement):
             modules = [_stage_module(self.model, s) for s in group]
@@ -255,18 +256,28 @@ def _stage_costs(plan) -> list[float]:
 
 class _P2P:
     """Point-to-point messages of one pipeline replica: a fixed-size header (kind, dtype,
-    shape) then the payload; tags name the micro-batch and the value or read, so messages
-    match whatever order they are sent in. Non-tensor values travel pickled."""
+    shape) then the payload; tags name the step's parity, the micro-batch and the value or
+    read, so messages match whatever order they are sent in. Non-tensor values travel
+    pickled.
+
+    A gloo send completes only once the receiver has posted its receive, so a step does
+    not wait for its own sends: it waits for the previous step's. A rank may thus run up
+    to one step ahead of the ranks reading its values (greedy: the first rank never waits
+    for the second).
+    """
 
     def __init__(self, wiring: Wiring, rank_of_stage: dict[int, int], device: torch.device):
         self.wiring, self.rank_of_stage, self.device = wiring, rank_of_stage, device
         self._names = {name: i for i, name in enumerate(wiring.producer)}
         self._width = max(len(self._names), len(wiring.reads))
         self._sends: list[tuple[Any, torch.Tensor]] = []
+        self._previous: list[tuple[Any, torch.Tensor]] = []
+        self._parity = 0
         self.waiting = 0.0
 
     def _tag(self, tape: Tape, kind: int, index: int) -> int:
-        return ((tape.index * self._width + index) * 2 + kind) * 2  # reason: +1 is the payload's tag
+        message = (tape.index * self._width + index) * 2 + kind
+        return (message * 2 + self._parity) * 2  # reason: +1 is the payload's tag
 
     def recv_value(self, tape: Tape, name: str) -> Any:
         src = self.rank_of_stage[self.wiring.producer[name]]
@@ -285,11 +296,18 @@ class _P2P:
         src = self.rank_of_stage[self.wiring.reads[read].stage]
         return self._recv(src, self._tag(tape, 1, read))
 
-    def flush(self) -> None:
-        """Wait until every message sent in this step has left."""
-        for work, _ in self._sends:
+    def end_step(self) -> None:
+        """Wait until the previous step's messages were received; this step's stay in flight."""
+        for work, _ in self._previous:
             self._wait(work)
-        self._sends.clear()
+        self._previous, self._sends = self._sends, []
+        self._parity ^= 1
+
+    def drain(self) -> None:
+        """Wait until every message sent so far was received."""
+        for work, _ in self._previous + self._sends:
+            self._wait(work)
+        self._previous, self._sends = [], []
 
     def _send(self, value: Any, dst: int, tag: int) -> None:
         header = torch.zeros(_HEADER, dtype=torch.int64)

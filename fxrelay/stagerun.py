@@ -100,7 +100,8 @@ def stage_backward(outputs: Sequence[Any], cotangents: Mapping[int, Sequence[tor
     cotangents (one pass); each channel that continues below the stage gets its own
     input-only pass, so the input gradient of channel ``c`` carries only the losses of
     ``c``. When one channel alone is live, its parameter and input gradients come from a
-    single pass. Pure: it only calls autograd on the given graph.
+    single pass. No schedule logic: it only runs autograd on the given graph (and writes
+    ``.grad`` when ``accumulate``).
 
     Args:
         outputs: the stage's outputs, computed with grad from ``leaves`` (non-tensor
@@ -126,8 +127,10 @@ def stage_backward(outputs: Sequence[Any], cotangents: Mapping[int, Sequence[tor
                for c in cotangents}
     grads: dict[tuple[int, int], torch.Tensor | None] = {(i, c): None for c, idx in targets.items() for i in idx}
     passes = [c for c in live if targets[c]]
-    params = list(params) if live else []
+    params = list(params)
     param_grads: tuple[torch.Tensor | None, ...] | None = None if accumulate else tuple(None for _ in params)
+    if not live:
+        return StageGrads(param_grads, grads)
     if params and len(live) == 1 and passes:  # reason: one live channel: parameters and inputs in one pass
         c = passes[0]
         param_grads, leaf_grads = _vjp(outs, live[c], params, [leaves[i] for i in targets[c]], accumulate,

@@ -1,9 +1,9 @@
 """Decoupled stage parallelism (fxrelay.parallel) vs torch.distributed.pipelining, CPU/gloo.
 
 One invocation spawns K processes with one thread each (gloo on 127.0.0.1) and, for each
-number of micro-batches M, runs round-robin blocks of consecutive training steps (forward,
-backward, SGD step; no barrier between the steps of a block, as in a training loop) over
-the same global batch split into the same M micro-batches:
+number of micro-batches M, runs round-robin blocks of 1 + ``--steps`` consecutive training
+steps (forward, backward, SGD step; no barrier between the steps of a block, as in a
+training loop) over the same global batch split into the same M micro-batches:
 
 1. ``greedy``: StageParallel on the greedy transform;
 2. ``relay``: StageParallel on the relay transform (window 2);
@@ -14,10 +14,13 @@ the same global batch split into the same M micro-batches:
 
 Each pipeline gets its own FLOPs-balanced contiguous split of the stages (the torch
 schedules: the untouched model's stages at the same partition, single-tensor cuts).
-Reported: samples/s (global batch x steps / median block time), per-rank busy fraction
-(CPU time of the rank's compute thread / block wall time: on a loaded machine, time the
-OS did not schedule the process counts as idle) and throughput ratios to GPipe (medians
-of per-round ratios).
+The steady state of a training loop is measured: on every rank, from the end of a block's
+first step to the end of its last; a step's time is the slowest rank's. Reported: samples/s
+(global batch / median step time), per-rank busy fraction (1 - time blocked on messages /
+that wall time; the torch schedules' waits are timed by wrapping their
+``_wait_batch_p2p``, StageParallel's come from its ``StepStats``) and throughput ratios to
+GPipe (medians of per-round ratios). On a loaded machine a rank also waits while its peer
+is descheduled: the 1-minute load average is printed with every table.
 
     python examples/bench/pipeline.py                     # timm resnet18, 96 px, batch 64, M=2,4,8, K=2
     python examples/bench/pipeline.py --model vgg11_bn --size 64 --microbatches 4 --reps 3
@@ -39,12 +42,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, schedules
 
 import fxrelay
 from fxrelay.parallel import StageParallel, balance
 
 VARIANTS = ("greedy", "relay", "gpipe", "1f1b", "single")
+BLOCKED = [0.0]  # reason: seconds this rank waited on messages in the current block
+_wait_batch_p2p = schedules._wait_batch_p2p
+
+
+def _timed_wait(work: list) -> None:
+    start = time.perf_counter()
+    _wait_batch_p2p(work)
+    BLOCKED[0] += time.perf_counter() - start
+
+
+schedules._wait_batch_p2p = _timed_wait  # reason: the torch schedules do not report their waits
 
 
 class StageGroup(nn.Module):
@@ -117,17 +131,18 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
     y = torch.randint(0, args.classes, (args.batch,), generator=g)
     for m in (int(v) for v in args.microbatches.split(",")):
-        seconds, busy, placement = bench(args, base, x, y, m)
+        periods, busy, placement = bench(args, base, x, y, m)
         gathered: list = [None] * k
-        dist.all_gather_object(gathered, busy)
+        dist.all_gather_object(gathered, (periods, busy))
         if rank == 0:
-            report(args, m, seconds, gathered, placement)
+            seconds = {v: [max(p[v][i] for p, _ in gathered) for i in range(args.reps)] for v in VARIANTS}
+            report(args, m, seconds, [b for _, b in gathered], placement)
     dist.destroy_process_group()
 
 
 def bench(args: argparse.Namespace, base: nn.Module, x: torch.Tensor, y: torch.Tensor,
           m: int) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, str]]:
-    """Per variant: seconds per step of each round, this rank's busy fraction of each round."""
+    """Per variant and round: this rank's seconds per step and busy fraction in the steady state."""
     k = args.pipeline
     steps: dict[str, Callable[[], object]] = {}
     placement = {}
@@ -136,7 +151,7 @@ def bench(args: argparse.Namespace, base: nn.Module, x: torch.Tensor, y: torch.T
         parallel = StageParallel(model, lambda p: torch.optim.SGD(p, lr=args.lr, momentum=0.9),
                                  microbatches=m, verbose=False)
         placement[mode] = parallel.placement_table()
-        steps[mode] = lambda parallel=parallel: parallel.step(x, y)
+        steps[mode] = lambda parallel=parallel: _count(parallel.step(x, y).waiting)
     steps["gpipe"] = torch_pipeline(ScheduleGPipe, copy.deepcopy(base), x, y, k, m, args)
     steps["1f1b"] = torch_pipeline(Schedule1F1B, copy.deepcopy(base), x, y, k, m, args)
     steps["single"] = single_process(copy.deepcopy(base), x, y, k, m, args.lr)
@@ -145,23 +160,26 @@ def bench(args: argparse.Namespace, base: nn.Module, x: torch.Tensor, y: torch.T
     for rep in range(args.reps + 1):  # reason: round 0 warms up (shape inference, allocator)
         for name in VARIANTS:
             dist.barrier()
-            start, cpu = time.perf_counter(), time.thread_time()
+            steps[name]()  # reason: the block's first step fills the pipeline; timing starts after it
+            start, blocked = time.perf_counter(), BLOCKED[0]
             for _ in range(args.steps):
                 steps[name]()
-            mine = time.thread_time() - cpu
-            dist.barrier()
             wall = time.perf_counter() - start
             if rep:
                 seconds[name].append(wall / args.steps)
-                busy[name].append(mine / wall)
+                busy[name].append(1 - (BLOCKED[0] - blocked) / wall)
     return seconds, busy, placement
+
+
+def _count(waiting: float) -> None:
+    BLOCKED[0] += waiting
 
 
 def report(args: argparse.Namespace, m: int, seconds: dict[str, list[float]], busy: list[dict[str, list[float]]],
            placement: dict[str, str]) -> None:
     print(f"\n{args.model}, {args.size} px, global batch {args.batch}, {m} micro-batches, "
           f"K={args.pipeline} processes x 1 thread (single: 1 process x {args.pipeline} threads), CPU/gloo, "
-          f"{args.reps} rounds of {args.steps} consecutive steps, round-robin; 1-min load average "
+          f"{args.reps} rounds of 1 + {args.steps} consecutive steps, round-robin; 1-min load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for mode, table in placement.items():
         print(f"{mode}: {table}")

@@ -164,9 +164,7 @@ class StageParallel:
         groups = [dist.new_group([d * k + r for d in range(replicas)]) if replicas > 1 else None for r in range(k)]
         self._replica_group = groups[self.rank_in_pipeline]
         self._sink = AllReduceSink(self._replica_group) if replicas > 1 else None
-        modules = [_stage_module(model, s) for s in self.stages]
-        aux = [h for h in plan.heads if not _is_main(h)]
-        modules += [_aux_head_module(model, n) for n, h in enumerate(aux) if h.stage in self.stages]
+        modules = self._modules(self.stages)
         params = list({id(p): p for m in modules for p in m.parameters()}.values())
         device = params[0].device if params else torch.device("cpu")
         self._transport = _P2P(wiring(model), self._rank_of_stage, device)
@@ -232,14 +230,17 @@ class StageParallel:
         save it). Collective: every rank must call it.
         """
         self._transport.drain()
-        aux = [h for h in self.plan.heads if not _is_main(h)]
         for r, group in enumerate(self.placement):
-            modules = [_stage_module(self.model, s) for s in group]
-            modules += [_aux_head_module(self.model, n) for n, h in enumerate(aux) if h.stage in group]
-            for m in modules:
+            for m in self._modules(group):
                 for t in [*m.parameters(), *m.buffers()]:
                     dist.broadcast(t.data, src=r)
         return self.model
+
+    def _modules(self, stages: range) -> list[nn.Module]:
+        """The stage modules of ``stages`` and the aux heads reading them."""
+        aux = [h for h in self.plan.heads if not _is_main(h)]
+        return [*(_stage_module(self.model, s) for s in stages),
+                *(_aux_head_module(self.model, n) for n, h in enumerate(aux) if h.stage in stages)]
 
     def _backward(self, tape: Tape) -> None:
         for read in self.runner.remote_reads:

@@ -12,7 +12,9 @@ training loop) over the same global batch split into the same M micro-batches:
 5. ``single``: the untouched model in one process with K threads (the other ranks wait),
    the one-line step accumulated over the M micro-batches.
 
-Each pipeline gets its own FLOPs-balanced contiguous split of the stages (the torch
+The greedy and relay transforms use ``--head`` aux heads, by default DGL's MLP-SR
+(``head="dgl"``: pooled to 2x2 first, so that a head costs little next to its stage, as
+in the DGL paper). Each pipeline gets its own FLOPs-balanced contiguous split of the stages (the torch
 schedules: the untouched model's stages at the same partition, single-tensor cuts).
 The steady state of a training loop is measured: on every rank, from the end of a block's
 first step to the end of its last; a step's time is the slowest rank's. Reported: samples/s
@@ -147,7 +149,8 @@ def bench(args: argparse.Namespace, base: nn.Module, x: torch.Tensor, y: torch.T
     steps: dict[str, Callable[[], object]] = {}
     placement = {}
     for mode in ("greedy", "relay"):
-        model = fxrelay.transform(copy.deepcopy(base), mode, example_input=x[:1], num_stages=args.num_stages)
+        model = fxrelay.transform(copy.deepcopy(base), mode, example_input=x[:1], num_stages=args.num_stages,
+                                  head=args.head)
         parallel = StageParallel(model, lambda p: torch.optim.SGD(p, lr=args.lr, momentum=0.9),
                                  microbatches=m, verbose=False)
         placement[mode] = parallel.placement_table()
@@ -201,6 +204,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="consecutive steps per timed block")
     parser.add_argument("--pipeline", type=int, default=2)
     parser.add_argument("--num-stages", type=int, default=None)
+    parser.add_argument("--head", default="dgl", help="aux head kind of the greedy and relay transforms")
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -40,10 +40,12 @@ _EXPORTS = {
     "fxrelay.data": ("ClassAwareSampler", "Shapes"),
     "fxrelay.train.loop": ("Trainer", "fit"),
     "fxrelay.train.memory": ("AllocatedBytes", "SavedBytes"),
+    "fxrelay.train.localstep": ("LocalStep", "LocalStepResult"),
+    "fxrelay.train.parallel": ("StageParallel",),
     "fxrelay.apps.saving": ("ModelRecipe", "load", "save"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = {"data": "fxrelay.data", "models": "fxrelay.models"}
+_SUBMODULES = {"data": "fxrelay.data", "models": "fxrelay.models", "parallel": "fxrelay.train.parallel"}
 
 __all__ = sorted(_MODULE_OF)
 

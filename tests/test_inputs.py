@@ -142,8 +142,16 @@ def test_an_input_the_model_rejects_says_what_was_assumed():
         fxrelay.transform(Fixed())
 
 
+def test_a_small_input_that_keeps_its_levels_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = fxrelay.partition(timm.create_model("resnet10t"), example_input=torch.randn(1, 3, 32, 32))
+    assert len(plan.stages) == 5
+
+
 def test_a_tiny_input_that_collapses_levels_warns():
-    with pytest.warns(UserWarning, match="8x8 example input shrinks the feature maps to 1 pixel before layer2"):
+    with pytest.warns(UserWarning, match="8x8 example input shrinks the feature maps to 1 pixel before layer3.0.conv2 "
+                                         "downsamples"):
         plan = fxrelay.partition(torchvision.models.resnet50(), example_input=torch.randn(1, 3, 8, 8))
     assert len(plan.stages) == 3
 

@@ -35,6 +35,7 @@ from typing import Sequence
 from .ir import MAIN, Head, Stage
 
 __all__ = ["StageScope", "gradient_channels", "producing_stages", "stopping_losses", "backward_flops",
+           "stage_backward_flops",
            "memory_peaks", "EXECUTIONS"]
 
 EXECUTIONS = ("one-line", "checkpointed", "local-step", "sequential")
@@ -112,12 +113,13 @@ def backward_flops(stages: Sequence[Stage], heads: Sequence[Head]) -> int:
     overlap stage adds one input-gradient pass (one forward's worth) per channel that
     continues below it; each head costs twice its forward.
     """
-    scopes = gradient_channels(producing_stages(stages), heads)
-    total = 2 * sum(h.flops for h in heads)
-    for stage, scope in zip(stages, scopes):
-        if scope.channels:
-            total += stage.flops * (2 + (len(scope.continuing) if scope.overlap else 0))
-    return total
+    return 2 * sum(h.flops for h in heads) + sum(stage_backward_flops(stages, heads))
+
+
+def stage_backward_flops(stages: Sequence[Stage], heads: Sequence[Head]) -> list[int]:
+    """Per stage, the theoretical backward FLOPs per sample of the stage alone (see :func:`backward_flops`)."""
+    return [stage.flops * (2 + (len(scope.continuing) if scope.overlap else 0)) if scope.channels else 0
+            for stage, scope in zip(stages, gradient_channels(producing_stages(stages), heads))]
 
 
 def memory_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> dict[str, int]:
@@ -136,19 +138,20 @@ def memory_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> dict[str, in
     >>> stages = [Stage(k, f"s{k}", (), (), (), (), 1, 0, 0, saved_bytes=10, boundary_bytes=1) for k in range(4)]
     >>> heads = [Head(j, j, (j, j), 0.3, "auto") for j in range(3)] + [Head(3, 3, (3, 3), 1.0, "main")]
     >>> memory_peaks(stages, heads)
-    {'one-line': 40, 'checkpointed': 14, 'local-step': 11, 'sequential': 11}
+    {'one-line': 40, 'checkpointed': 14, 'local-step': 10, 'sequential': 11}
     """
     heads = heads or (Head(0, len(stages) - 1, (0, len(stages) - 1), 1.0, MAIN),)
-    saved = [s.saved_bytes + sum(h.saved_bytes for h in heads if h.stage == s.index) for s in stages]
+    own = [s.saved_bytes for s in stages]
+    head = [sum(h.saved_bytes for h in heads if h.stage == s.index) for s in stages]
     last = [max((h.window[1] for h in heads if h.window[0] <= k <= h.window[1]), default=-1)
             for k in range(len(stages))]
-    local = max((sum(saved[k] for k in range(t + 1) if last[k] >= t) + stages[t].boundary_bytes
-                 for t in range(len(stages))), default=0)
-    boundaries = sum(s.boundary_bytes for s in stages)
+    trained = [k for k in range(len(stages)) if last[k] >= 0]
+    # reason: a stage's output is saved by its own last layer or by its reader: no boundary term;
+    # in a local step a head's activations live only until its own loss is backpropagated
+    local = max((sum(own[k] for k in trained if k <= t <= last[k]) + head[t] for t in range(len(stages))), default=0)
     return {
-        "one-line": sum(saved[k] for k in range(len(stages)) if last[k] >= 0),
-        "checkpointed": boundaries + max(saved, default=0),
+        "one-line": sum(own[k] + head[k] for k in trained),
+        "checkpointed": sum(s.boundary_bytes for s in stages) + max((own[k] + head[k] for k in trained), default=0),
         "local-step": local,
-        "sequential": max((saved[k] + (stages[k - 1].boundary_bytes if k else 0) for k in range(len(stages))),
-                          default=0),
+        "sequential": max((own[k] + head[k] + (stages[k - 1].boundary_bytes if k else 0) for k in trained), default=0),
     }

@@ -34,7 +34,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import contextlib
 import functools
@@ -46,7 +46,7 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 
 from ._compat import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["detach", "overlap", "checkpointed", "stage_backward"]
+__all__ = ["detach", "overlap", "checkpointed", "stage_backward", "StageGrads"]
 
 
 def detach(value: Any) -> Any:
@@ -115,43 +115,99 @@ def overlap(stage: nn.Module, channels: tuple[int, ...], input_channels: tuple[t
     return call.assemble(copies)
 
 
-def stage_backward(
-    outputs: Sequence[torch.Tensor],
-    cotangents: Mapping[int, Sequence[torch.Tensor | None]],
-    params: Sequence[torch.Tensor],
-    inputs: Sequence[torch.Tensor],
-    input_channels: Sequence[tuple[int, ...]],
-    *,
-    create_graph: bool = False,
-) -> tuple[tuple[torch.Tensor | None, ...], dict[tuple[int, int], torch.Tensor | None]]:
-    """The backward of one stage whose outputs receive a cotangent per gradient channel.
+class StageGrads(NamedTuple):
+    """What :func:`stage_backward` computed.
 
-    One pass computes the parameter gradient from the sum of all channels' cotangents;
-    then one input-only pass per channel that continues into some input computes that
-    channel's input gradients. The stage's graph (from ``inputs`` and ``params`` to
-    ``outputs``) is retained: the caller owns its lifetime.
+    Attributes:
+        params: per parameter, its gradient (``None``: unused), or ``None`` when the
+            gradients were accumulated into ``.grad``.
+        inputs: ``(input index, channel) -> gradient`` for every channel that continues
+            into a differentiable input (the gradient is ``None`` when nothing flowed).
+    """
+
+    params: tuple[torch.Tensor | None, ...] | None
+    inputs: dict[tuple[int, int], torch.Tensor | None]
+
+
+def stage_backward(outputs: Sequence[Any], cotangents: Mapping[int, Sequence[torch.Tensor | None]],
+                   params: Sequence[torch.Tensor], leaves: Sequence[Any],
+                   input_channels: Sequence[Sequence[int]], *, accumulate: bool = True,
+                   retain_graph: bool = False) -> StageGrads:
+    """The backward of one stage forward, per gradient channel.
+
+    The parameter gradient is the vector-Jacobian product with the *sum* of all channels'
+    cotangents (one pass); each channel that continues below the stage gets its own
+    input-only pass, so the input gradient of channel ``c`` carries only the losses of
+    ``c``. When one channel alone is live, its parameter and input gradients come from a
+    single pass. No schedule logic: it only runs autograd on the given graph (and writes
+    ``.grad`` when ``accumulate``).
 
     Args:
-        outputs: the stage's tensor outputs, with their graph.
-        cotangents: per channel, one cotangent per output (``None``: none reached it).
-        params: the parameters to differentiate.
-        inputs: the stage's tensor inputs (leaves of its graph).
-        input_channels: per input, the channels whose gradient continues into it.
-        create_graph: make the gradients differentiable (double backward).
+        outputs: the stage's outputs, computed with grad from ``leaves`` (non-tensor
+            outputs and outputs that do not require grad are skipped).
+        cotangents: ``channel -> per-output cotangent`` (``None``: no gradient for that
+            output); the channels of the parameter pass.
+        params: the parameters to differentiate (empty: no parameter pass).
+        leaves: the stage's inputs as the forward saw them (detached tensors that require
+            grad where a gradient may continue; anything else is passed over).
+        input_channels: per input, the channels whose gradient continues into it; only
+            channels also in ``cotangents`` get an input pass.
+        accumulate: accumulate parameter gradients into ``.grad`` through autograd (so
+            ``post_accumulate_grad`` hooks fire) instead of returning them.
+        retain_graph: keep the graph for later passes over the same outputs.
 
     Returns:
-        The parameter gradients (aligned with ``params``) and the input gradients by
-        ``(input index, channel)``.
+        The parameter gradients (unless accumulated) and the per-channel input gradients.
     """
-    live = [c for c, grads in cotangents.items() if any(g is not None for g in grads)]
-    totals = [_sum([cotangents[c][o] for c in live]) for o in range(len(outputs))]
-    param_grads = _vjp(outputs, params, totals, create_graph)
-    input_grads: dict[tuple[int, int], torch.Tensor | None] = {}
-    for c in live:
-        targets = [i for i, chans in enumerate(input_channels) if c in chans and inputs[i].requires_grad]
-        for i, g in zip(targets, _vjp(outputs, [inputs[i] for i in targets], cotangents[c], create_graph)):
-            input_grads[(i, c)] = g
-    return param_grads, input_grads
+    outs = [o if isinstance(o, torch.Tensor) and o.requires_grad else None for o in outputs]
+    live = {c: tuple(g if o is not None else None for o, g in zip(outs, cots)) for c, cots in cotangents.items()}
+    live = {c: cots for c, cots in live.items() if any(g is not None for g in cots)}
+    targets = {c: [i for i, chans in enumerate(input_channels) if c in chans and _differentiable(leaves[i])]
+               for c in cotangents}
+    grads: dict[tuple[int, int], torch.Tensor | None] = {(i, c): None for c, idx in targets.items() for i in idx}
+    passes = [c for c in live if targets[c]]
+    params = list(params)
+    param_grads: tuple[torch.Tensor | None, ...] | None = None if accumulate else tuple(None for _ in params)
+    if not live:
+        return StageGrads(param_grads, grads)
+    if params and len(live) == 1 and passes:  # reason: one live channel: parameters and inputs in one pass
+        c = passes[0]
+        param_grads, leaf_grads = _vjp(outs, live[c], params, [leaves[i] for i in targets[c]], accumulate,
+                                       retain_graph)
+        grads.update({(i, c): g for i, g in zip(targets[c], leaf_grads)})
+        return StageGrads(param_grads, grads)
+    if params:
+        totals = [_sum([cots[o] for cots in live.values()]) for o in range(len(outs))]
+        param_grads, _ = _vjp(outs, totals, params, [], accumulate, retain_graph or bool(passes))
+    for n, c in enumerate(passes):
+        _, leaf_grads = _vjp(outs, live[c], [], [leaves[i] for i in targets[c]], accumulate,
+                             retain_graph or n < len(passes) - 1)
+        grads.update({(i, c): g for i, g in zip(targets[c], leaf_grads)})
+    return StageGrads(param_grads, grads)
+
+
+def _vjp(outs: list[torch.Tensor | None], cots: Sequence[torch.Tensor | None], params: list[torch.Tensor],
+         leaves: list[torch.Tensor], accumulate: bool,
+         retain: bool) -> tuple[tuple[torch.Tensor | None, ...] | None, tuple[torch.Tensor | None, ...]]:
+    pairs = [(o, g) for o, g in zip(outs, cots) if o is not None and g is not None]
+    wrt = [*params, *leaves]
+    if not pairs or not wrt:
+        return (None if accumulate else tuple(None for _ in params)), tuple(None for _ in leaves)
+    if not accumulate:
+        grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], retain_graph=retain,
+                                    allow_unused=True)
+        return grads[:len(params)], grads[len(params):]
+    for leaf in leaves:
+        leaf.grad = None
+    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], retain_graph=retain, inputs=wrt)
+    leaf_grads = tuple(leaf.grad for leaf in leaves)
+    for leaf in leaves:
+        leaf.grad = None
+    return None, leaf_grads
+
+
+def _differentiable(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
 
 
 @dataclass
@@ -272,7 +328,9 @@ class _Overlap(torch.autograd.Function):
         if torch.is_grad_enabled():
             param_grads, input_grads = _differentiable_backward(call, ctx.rng, copies, cotangents, ctx.params)
         else:
-            param_grads, input_grads = stage_backward(outs, cotangents, ctx.params, leaves, call.slot_channels)
+            # reason: the kept graph lives as long as this node's saved tensors (retain_graph decides)
+            param_grads, input_grads = stage_backward(outs, cotangents, ctx.params, leaves, call.slot_channels,
+                                                      accumulate=False, retain_graph=True)
         flat = []
         for i, (chans, size) in enumerate(zip(call.slot_channels, call.slot_sizes)):
             flat += [input_grads.get((i, c)) for c in chans] if chans else [None] * size
@@ -306,19 +364,13 @@ def _differentiable_backward(call: _Call, rng: _RngState, copies: Sequence[torch
                   for i, group in enumerate(_slots(call, copies))]
         outs = call.rerun(inputs, rng)
         targets = [i for i, chans in enumerate(call.slot_channels) if c in chans and inputs[i].requires_grad]
-        vjp = _vjp(outs, [*params, *(inputs[i] for i in targets)], grads, create_graph=True)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wrt = [*params, *(inputs[i] for i in targets)]
+        vjp = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
+                                  allow_unused=True) if pairs else (None,) * len(wrt)
         param_grads = [_sum([a, b]) for a, b in zip(param_grads, vjp[:len(params)])]
         input_grads.update({(i, c): g for i, g in zip(targets, vjp[len(params):])})
     return tuple(param_grads), input_grads
-
-
-def _vjp(outs: Sequence[torch.Tensor], wrt: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor | None],
-         create_graph: bool) -> tuple[torch.Tensor | None, ...]:
-    pairs = [(o, g) for o, g in zip(outs, cotangents) if g is not None and o.requires_grad]
-    if not wrt or not pairs:
-        return tuple(None for _ in wrt)
-    return torch.autograd.grad([o for o, _ in pairs], list(wrt), [g for _, g in pairs], retain_graph=True,
-                               create_graph=create_graph, allow_unused=True)
 
 
 def _sum(values: list[torch.Tensor | None]) -> torch.Tensor | None:

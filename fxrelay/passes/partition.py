@@ -50,6 +50,7 @@ __all__ = ["partition", "plan_stages", "BOUNDARIES", "BALANCES", "pool_cut_key",
 _DEFAULT_BLOCKS = 4
 _NEAR_MIDDLE = 0.15
 _SUBSTANTIAL = 10  # reason: a stage closes after at least 1/10 of its level's FLOPs
+_DOWNSAMPLING = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
 
 def partition(
@@ -118,18 +119,19 @@ def partition(
 
 
 def _warn_collapsed_maps(gm: fx.GraphModule, analysis: Analysis, example_input: ExampleInput) -> None:
-    """Warn when the example input is too small: a spatial convolution sees a 1-pixel map, so the
-    levels below it (and their stages) cannot be measured."""
+    """Warn when the example input is too small: a downsampling layer sees a 1-pixel map, so the
+    levels from it on (and their stages) cannot be found."""
     for node in gm.graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(module, nn.Conv2d) or module.kernel_size == (1, 1) and module.stride == (1, 1):
+        stride = getattr(module, "stride", 1) if isinstance(module, _DOWNSAMPLING) else 1
+        if max(stride if isinstance(stride, tuple) else (stride,)) < 2:
             continue
         shape = analysis.info[node.args[0].name].shape if isinstance(node.args[0], fx.Node) else None
         if shape is not None and len(shape) == 4 and min(shape[-2:]) == 1:
             size = "x".join(map(str, as_inputs(example_input)[0].shape[-2:]))
-            warnings.warn(f"the {size} example input shrinks the feature maps to 1 pixel before {node.target}, so "
-                          "the resolution levels after it cannot be found (fewer stages); pass example_input= "
-                          "of the size the model is used at", UserWarning, stacklevel=3)
+            warnings.warn(f"the {size} example input shrinks the feature maps to 1 pixel before {node.target} "
+                          "downsamples, so the resolution levels from there on cannot be found (fewer stages); "
+                          "pass example_input= of the size the model is used at", UserWarning, stacklevel=3)
             return
 
 

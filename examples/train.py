@@ -4,6 +4,13 @@
     python examples/train.py --model tv:resnet18 --data /path/to/imagefolder --image-size 128 --amp --ema
     python examples/train.py --model resnet10t --mode greedy --local-step --epochs 10 --cache-prefix
     python examples/train.py --resume out/train/checkpoint.pt                   # continue a run
+    torchrun --nproc-per-node 2 examples/train.py --mode greedy --pipeline 2 --microbatches 4
+
+``--pipeline K`` trains stage-parallel (:class:`fxrelay.StageParallel`): launched with
+``torchrun --nproc-per-node K*D`` (``--replicas D``), every rank builds the same model and
+trains a contiguous group of its stages and their heads, activations flowing forward
+between ranks; greedy sends nothing back, relay only the gradients of windows that span a
+rank boundary. The same optimizer and schedule per rank; rank 0 evaluates and deploys.
 
 ``--data`` is an ImageFolder root with ``train/`` and ``val/`` subfolders (or one folder,
 split 90/10). Without it the generated :class:`fxrelay.data.Shapes` dataset is used.
@@ -27,18 +34,22 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, random_split
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, random_split
 
 import fxrelay
 from fxrelay.apps.cli import UsageError
 from fxrelay.apps.zoo import load_model
-from fxrelay.train.loop import History, Recipe, Trainer, evaluate, load_checkpoint, no_weight_decay_names
+from fxrelay.train.loop import (History, Recipe, Trainer, evaluate, load_checkpoint, lr_schedule, make_optimizer,
+                                no_weight_decay_names)
+from fxrelay.train.parallel import StageParallel
 
 DEFAULT_EPOCHS = 5
 # reason: what a resumed run may change; everything else is the checkpointed run's
@@ -84,6 +95,10 @@ def parser() -> argparse.ArgumentParser:
                    "(with --resume: the checkpoint's folder)")
     p.add_argument("--resume", default=None, help="checkpoint.pt of a run to continue")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--pipeline", type=int, default=0,
+                   help="stage-parallel over K ranks per pipeline, under torchrun --nproc-per-node K*D (0: off)")
+    p.add_argument("--replicas", type=int, default=1, help="with --pipeline: D data-parallel replicas")
+    p.add_argument("--microbatches", type=int, default=4, help="with --pipeline: micro-batches per batch")
     return p
 
 
@@ -175,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error("--local-step trains stage by stage with one head per stage: add --mode greedy")
     if args.cache_prefix and not args.local_step:
         return error("--cache-prefix caches the frozen stages of --local-step: add --local-step")
+    if args.pipeline and (args.local_step or args.resume or args.ema or args.class_aware):
+        return error("--pipeline trains one schedule across processes: drop --local-step, --resume, --ema and "
+                     "--class-aware")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     out = Path(args.out)
     train, val, num_classes = datasets(args)
@@ -184,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         original = load_model(args.model, num_classes=num_classes)
         model = fxrelay.transform(original, args.mode, window=args.window, head_kind=args.head,
                                   example_input=torch.randn(1, 3, args.image_size, args.image_size))
+        if args.pipeline:
+            return train_pipelined(args, model, train, val_loader, device)
         trainer = Trainer(model, train_loader, args.epochs, recipe(args), device=device,
                           no_weight_decay=no_weight_decay_names(original, model))
         if state is not None:
@@ -204,13 +224,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     final = trainer.final_model
     deployed = fxrelay.deploy(final)
     trained_acc, deployed_acc = evaluate(final, val_loader, device), evaluate(deployed, val_loader, device)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(deployed, out / "deployed.pt")
-    torch.save(fxrelay.original_state_dict(final), out / "original_state_dict.pt")
+    files = save_deployed(final, deployed, out)
     verdict = "equal" if trained_acc == deployed_acc else "DIFFERENT"
     print(f"deployed ({'EMA' if args.ema else 'trained'} weights): val acc {deployed_acc:.2%} vs trained "
-          f"{trained_acc:.2%} ({verdict}); wrote {out / 'deployed.pt'}, {out / 'original_state_dict.pt'}, "
-          f"{out / 'checkpoint.pt'}, {out / 'metrics.csv'}")
+          f"{trained_acc:.2%} ({verdict}); wrote {', '.join(map(str, files))}, {out / 'checkpoint.pt'}, "
+          f"{out / 'metrics.csv'}")
+    return 0
+
+
+def save_deployed(trained: torch.nn.Module, deployed: torch.nn.Module, out: Path) -> list[Path]:
+    """The deployed model (torch.export, loads with fxrelay.load) and the trained weights under the
+    original model's keys (loads with torch.load(weights_only=True) and load_state_dict(strict=True))."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(fxrelay.original_state_dict(trained), out / "original_state_dict.pt")
+    return [fxrelay.save(deployed, out / "deployed.pt2"), out / "original_state_dict.pt"]
+
+
+def train_pipelined(args: argparse.Namespace, model: torch.nn.Module, train: Dataset, val_loader: DataLoader,
+                    device: str) -> int:
+    """``--pipeline``: the same recipe, stage-parallel across the torchrun processes."""
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        model.to(device).train()
+        settings = recipe(args)
+        parallel = StageParallel(model, lambda params: make_optimizer(settings, params),
+                                 microbatches=args.microbatches, pipeline=args.pipeline, replicas=args.replicas,
+                                 criterion=torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing))
+        sampler = DistributedSampler(train, num_replicas=args.replicas, rank=parallel.replica, seed=args.seed)
+        loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=args.workers)
+        scheduler = lr_schedule(parallel.optimizer, settings, args.epochs * len(loader), len(loader))
+        reporting = parallel.rank_in_pipeline == parallel.pipeline - 1 and parallel.replica == 0
+        for epoch in range(args.epochs):
+            sampler.set_epoch(epoch)
+            busy = []
+            for i, (x, y) in enumerate(loader):
+                stats = parallel.step(x.to(device), y.to(device))
+                scheduler.step_update(epoch * len(loader) + i + 1)
+                busy.append(stats.busy)
+            if reporting:
+                losses = "  ".join(f"h{j}: {v:.3f}" for j, v in stats.losses.items())
+                print(f"epoch {epoch + 1}/{args.epochs}: last batch {losses}; busy {sum(busy) / len(busy):.0%}",
+                      flush=True)
+        model = parallel.gather_model()
+        if dist.get_rank() == 0:
+            accuracy = evaluate(model, val_loader, device)
+            deployed = fxrelay.deploy(model)
+            files = save_deployed(model, deployed, Path(args.out))
+            print(f"val acc {accuracy:.2%} (deployed {evaluate(deployed, val_loader, device):.2%}); wrote "
+                  f"{', '.join(map(str, files))}")
+    finally:
+        dist.destroy_process_group()
     return 0
 
 

@@ -64,7 +64,8 @@ from ..passes.rewrite import is_transformed, plan_of
 from .sequential import StageStep, check_sequential, greedy_schedule, prefix_cache, train_stage
 
 __all__ = ["Recipe", "History", "Trainer", "fit", "evaluate", "evaluate_heads", "save_checkpoint",
-           "load_checkpoint", "plan_settings", "no_weight_decay_names", "METRICS_COLUMNS", "write_metrics"]
+           "load_checkpoint", "plan_settings", "no_weight_decay_names", "METRICS_COLUMNS", "write_metrics",
+           "make_optimizer", "lr_schedule"]
 
 CHECKPOINT_FORMAT = "fxrelay-training-1"
 
@@ -243,9 +244,8 @@ class Trainer:
         self.steps_per_epoch = len(train_loader)
         self.plan: Plan | None = plan_of(model) if is_transformed(model) else None
         self.schedule = self._stage_schedule()
-        groups = param_groups_weight_decay(model, self.recipe.weight_decay, no_weight_decay_list=no_weight_decay)
-        self.optimizer = create_optimizer_v2(groups, opt=self.recipe.opt, lr=self.recipe.lr,
-                                             weight_decay=self.recipe.weight_decay, momentum=self.recipe.momentum)
+        self.optimizer = make_optimizer(self.recipe, param_groups_weight_decay(
+            model, self.recipe.weight_decay, no_weight_decay_list=no_weight_decay))
         self.scheduler = self._lr_schedule()
         self.ema = ModelEmaV3(model, decay=self.recipe.ema_decay, use_warmup=True) if self.recipe.ema_decay else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
@@ -264,17 +264,9 @@ class Trainer:
 
     def _lr_schedule(self) -> CosineLRScheduler:
         """Per-update warm-up and cosine; sequential: one cosine cycle per stage."""
-        total = self.epochs * self.steps_per_epoch
         cycles = len(self.plan.stages) if self.schedule else 1
-        warmup = round(self.recipe.warmup_epochs * self.steps_per_epoch)
-        if warmup >= total // cycles:
-            raise ValueError(f"the warm-up ({warmup} updates) must be shorter than the cosine "
-                             f"({total // cycles} updates{' per stage' if self.schedule else ''}): "
-                             f"lower warmup_epochs ({self.recipe.warmup_epochs})")
-        # reason: warmup_prefix=False keeps the warm-up inside the first cycle, so cycles start with the stages
-        return CosineLRScheduler(self.optimizer, t_initial=total // cycles, lr_min=self.recipe.min_lr,
-                                 cycle_limit=cycles, warmup_t=warmup,
-                                 warmup_lr_init=self.recipe.warmup_start * self.recipe.lr, t_in_epochs=False)
+        return lr_schedule(self.optimizer, self.recipe, self.epochs * self.steps_per_epoch, self.steps_per_epoch,
+                           cycles)
 
     @property
     def final_model(self) -> nn.Module:
@@ -442,6 +434,34 @@ class Trainer:
         self.history = History(**state["history"])
         self._cache = None
         _set_rng_state(state["rng"], self.loader)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, updates: int, updates_per_epoch: int,
+                cycles: int = 1) -> CosineLRScheduler:
+    """The recipe's per-update schedule: linear warm-up, then cosine, ``cycles`` times over ``updates``.
+
+    Raises:
+        ValueError: the warm-up is not shorter than a cycle.
+    """
+    warmup = round(recipe.warmup_epochs * updates_per_epoch)
+    if warmup >= updates // cycles:
+        raise ValueError(f"the warm-up ({warmup} updates) must be shorter than the cosine "
+                         f"({updates // cycles} updates{' per stage' if cycles > 1 else ''}): "
+                         f"lower warmup_epochs ({recipe.warmup_epochs})")
+    # reason: warmup_prefix=False keeps the warm-up inside the first cycle, so cycles start with the stages
+    return CosineLRScheduler(optimizer, t_initial=updates // cycles, lr_min=recipe.min_lr, cycle_limit=cycles,
+                             warmup_t=warmup, warmup_lr_init=recipe.warmup_start * recipe.lr, t_in_epochs=False)
+
+
+def make_optimizer(recipe: Recipe, params: Iterable[nn.Parameter] | list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The recipe's timm optimizer over ``params`` (parameters, or parameter groups); a plain list
+    of parameters gets timm's rule: no weight decay on biases and norms (1-D parameters)."""
+    params = list(params)
+    if params and not isinstance(params[0], dict):
+        params = [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return create_optimizer_v2(params, opt=recipe.opt, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                               momentum=recipe.momentum)
 
 
 def _require_same(what: str, stored: Any, current: Any) -> None:

@@ -17,7 +17,7 @@ gradient equals the single-process one-line step accumulated over the same ``M``
 micro-batches, each loss scaled by ``1/M`` (averaged over the ``D`` replicas' shards);
 BatchNorm statistics are per micro-batch, as in that reference.
 
-Launch with ``torchrun --nproc-per-node K*D script.py`` (see ``examples/pipeline_train.py``
+Launch with ``torchrun --nproc-per-node K*D script.py`` (see ``examples/train.py --pipeline``
 and ``docs/distributed.md``).
 
 Example:
@@ -182,12 +182,14 @@ class StageParallel:
         total = sum(self.costs) or 1.0
         lines = [f"StageParallel: {self.pipeline} pipeline ranks x {self.replicas} replica(s), "
                  f"{self.microbatches} micro-batches, {self.plan.mode} mode",
-                 "rank  stages  heads     step GFLOPs/sample  share"]
+                 "rank  stages  heads     step GFLOPs/sample  share  saved MB/sample"]
         for r, group in enumerate(self.placement):
             heads = ",".join(str(h.index) for h in self.plan.heads if h.stage in group)
             cost = sum(self.costs[s] for s in group)
+            saved = sum(self.plan.stages[s].saved_bytes for s in group) + sum(
+                h.saved_bytes for h in self.plan.heads if h.stage in group)
             lines.append(f"{r:>4}  {group.start}..{group.stop - 1:<4}  {heads:<8}  {cost / 1e9:>18.3g}  "
-                         f"{100 * cost / total:4.1f}%")
+                         f"{100 * cost / total:4.1f}%  {saved / 2**20:>15.2f}")
         return "\n".join(lines)
 
     def step(self, x: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor) -> StepStats:

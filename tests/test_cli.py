@@ -216,3 +216,17 @@ def test_ci_runs_the_readme_test_command():
     assert (ROOT / ".ci" / "run").read_text().splitlines()[-1] == tests
     assert demo.removesuffix("fxrelay demo") == tests.removesuffix("python -m pytest -q")
     assert "python3 -m venv" in tests and ". .venv/bin/activate" in tests  # reason: PEP 668 (Debian 12/13)
+
+
+def test_inspect_memory_and_tracing_flags():
+    result = run("inspect", "tv:resnet18", "--input-size", "64", "--mode", "greedy", "--memory", "16",
+                 "--leaf-module", "torchvision.models.resnet.BasicBlock")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[3].split()[7] == "3"  # reason: the layer1 stage is the pool and its two blocks, each one node
+    memory = lines[lines.index("expected peak of bytes saved for backward, batch 16 (greedy):") + 1:]
+    assert [line.split()[0] for line in memory] == ["one-line", "checkpointed", "local-step", "sequential"]
+    bad = run("inspect", "tv:resnet18", "--autowrap", "nowhere.helper")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "fxrelay inspect: error: cannot import 'nowhere.helper' (No module named 'nowhere'): give "
+        "PACKAGE.MODULE.NAME"]

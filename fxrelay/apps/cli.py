@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
 from .. import __version__
-from ..core.choices import BOUNDARIES, FORMATS, LEVELS, MODES
+from ..core.choices import BALANCES, BOUNDARIES, FORMATS, LEVELS, MODES
 from .zoo import check_model_name, example_input, load_model
 
 if TYPE_CHECKING:
@@ -142,6 +143,13 @@ def _configure_model(parser: argparse.ArgumentParser) -> None:
                         help="merge or split to N stages (default: one per resolution level)")
     parser.add_argument("--input-size", type=_positive_int, default=None,
                         help="input side in px (default: the model's own input size)")
+    parser.add_argument("--balance", choices=BALANCES, default="flops",
+                        help="with --num-stages: merge and split stages by FLOPs or by bytes saved for backward "
+                             "(default: flops)")
+    parser.add_argument("--leaf-module", action="append", default=[], metavar="PKG.MODULE.CLASS",
+                        help="a module class not to trace through (repeatable; tracing configuration)")
+    parser.add_argument("--autowrap", action="append", default=[], metavar="PKG.MODULE.FUNCTION",
+                        help="a function to record as one call (repeatable; tracing configuration)")
 
 
 def _configure_mode(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -155,6 +163,25 @@ def _configure_mode(parser: argparse.ArgumentParser, default: str | None) -> Non
 def _configure_inspect(parser: argparse.ArgumentParser) -> None:
     _configure_model(parser)
     _configure_mode(parser, None)
+    parser.add_argument("--memory", type=_positive_int, nargs="?", const=32, default=None, metavar="BATCH",
+                        help="also print the expected peak of bytes saved for backward per execution, for a "
+                             "batch of BATCH (default when given without a value: 32)")
+
+
+def _tracing(args: argparse.Namespace) -> Any:
+    """The tracing configuration of ``--leaf-module`` and ``--autowrap``."""
+    from ..core.ir import TracingConfig
+
+    return TracingConfig(leaf_modules=[_imported(p) for p in args.leaf_module],
+                         autowrap_functions=[_imported(p) for p in args.autowrap])
+
+
+def _imported(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UsageError(f"cannot import {path!r} ({_first_line(e)}): give PACKAGE.MODULE.NAME") from None
 
 
 def _transformed(args: argparse.Namespace) -> tuple[nn.Module, Any]:
@@ -167,15 +194,23 @@ def _transformed(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     size = f"at --input-size {args.input_size}" if args.input_size else f"at its default input size {x.shape[-1]}"
     with _model_errors(args.model, size):
         if args.mode is None:
-            return model, partition(model, args.boundaries, args.num_stages, x)
+            return model, partition(model, args.boundaries, args.num_stages, x, balance=args.balance,
+                                    tracing=_tracing(args))
         model = transform(model, args.mode, window=args.window, boundaries=args.boundaries,
-                          num_stages=args.num_stages, example_input=x)
+                          num_stages=args.num_stages, balance=args.balance, example_input=x, tracing=_tracing(args))
         return model, plan_of(model)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    """Print the plan table of ``args.model`` (with heads and windows for ``--mode``)."""
-    print(_transformed(args)[1])
+    """Print the plan table of ``args.model`` (with heads and windows for ``--mode``; memory for ``--memory``)."""
+    plan = _transformed(args)[1]
+    print(plan)
+    if args.memory:
+        executions = ("one-line", "checkpointed") if args.mode is None else tuple(plan.memory_estimate())
+        print(f"\nexpected peak of bytes saved for backward, batch {args.memory} "
+              f"({'plain backprop' if args.mode is None else args.mode}):")
+        for name in executions:
+            print(f"  {name:<13}{plan.memory_estimate(args.memory)[name] / 2**30:8.2f} GB")
     return 0
 
 

@@ -35,7 +35,7 @@ from typing import Sequence
 from .ir import MAIN, Head, Stage
 
 __all__ = ["StageScope", "gradient_channels", "producing_stages", "stopping_losses", "backward_flops",
-           "stage_backward_flops",
+           "stage_backward_flops", "sequential_peaks",
            "memory_peaks", "EXECUTIONS"]
 
 EXECUTIONS = ("one-line", "checkpointed", "local-step", "sequential")
@@ -153,5 +153,12 @@ def memory_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> dict[str, in
         "one-line": sum(own[k] + head[k] for k in trained),
         "checkpointed": sum(s.boundary_bytes for s in stages) + max((own[k] + head[k] for k in trained), default=0),
         "local-step": local,
-        "sequential": max((own[k] + head[k] + (stages[k - 1].boundary_bytes if k else 0) for k in trained), default=0),
+        "sequential": max(sequential_peaks(stages, heads), default=0),
     }
+
+
+def sequential_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> list[int]:
+    """Per stage ``k``, the bytes per sample saved for backward while the sequential schedule trains it:
+    stage ``k`` and its head, on the frozen prefix's output (the prefix runs without grad)."""
+    return [s.saved_bytes + sum(h.saved_bytes for h in heads if h.stage == s.index)
+            + (stages[s.index - 1].boundary_bytes if s.index else 0) for s in stages]

@@ -168,14 +168,14 @@ def table(args: argparse.Namespace, model: str, num_stages: int | None) -> list[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default="resnet50,vgg16_bn", help="comma-separated timm model names")
-    p.add_argument("--batch", type=int, default=16, help="batch size")
-    p.add_argument("--size", type=int, default=224, help="image side in px")
-    p.add_argument("--num-stages", type=int, default=None, help="one partition only (default: default and 8)")
+    p.add_argument("--models", default="resnet50,vgg16_bn", help="comma-separated timm model names (default: resnet50,vgg16_bn)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
+    p.add_argument("--size", type=int, default=224, help="image side in px (default: 224)")
+    p.add_argument("--num-stages", type=int, default=None, help="one partition only (default: the default partition and 8)")
     p.add_argument("--balance", default="memory", choices=BALANCES,
-                   help="how num_stages merges and splits stages")
-    p.add_argument("--rounds", type=int, default=3, help="timing rounds (round-robin over the variants)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+                   help="how num_stages merges and splits stages (default: memory)")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds, round-robin over the variants (default: 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

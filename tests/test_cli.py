@@ -184,6 +184,8 @@ def test_every_script_option_has_help_and_states_its_default(script):
         keywords = {k.arg: k.value for k in call.keywords}
         name = ast.literal_eval(call.args[0])
         assert "help" in keywords, f"{script.name} {name}: no help"
+        if getattr(keywords["help"], "attr", "") == "SUPPRESS":
+            continue  # reason: an internal option, hidden from --help
         if "default" in keywords:
             text = "".join(ast.literal_eval(part) if isinstance(part, ast.Constant) else ""
                            for part in getattr(keywords["help"], "values", [keywords["help"]]))

@@ -80,12 +80,12 @@ class NodeInfo:
 
     shape: tuple[int, ...] | None
     dtype: torch.dtype | None
+    bytes: int
+    saved_bytes: int
     flops: int
     params: int
     reduction: int | None
     level: int
-    bytes: int = 0
-    saved_bytes: int = 0
 
 
 @dataclass(frozen=True)

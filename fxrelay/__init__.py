@@ -37,7 +37,7 @@ _EXPORTS = {
     "fxrelay.deployment.fold": ("fold_bn", "fold_report"),
     "fxrelay.deployment.bn_stats": ("recalibrate_bn",),
     "fxrelay.diagrams.render": ("GraphvizNotFound", "render", "render_graph"),
-    "fxrelay.data": ("ClassAwareSampler", "Shapes"),
+    "fxrelay.data": ("ClassAwareSampler", "Digits", "Shapes"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = {"data": "fxrelay.data", "models": "fxrelay.models"}

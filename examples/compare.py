@@ -43,6 +43,7 @@ import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torchvision.transforms.v2 import RandomCrop  # noqa: E402
 
 import fxrelay  # noqa: E402
 import fxrelay.models  # noqa: E402,F401  (registers plainnet* and cliquenet* with timm)
@@ -78,8 +79,10 @@ class Job(NamedTuple):
 def datasets(s: dict[str, Any], seed: int) -> tuple[Dataset, Dataset]:
     """The train and validation sets of settings ``s`` (generated shapes depend on the seed, digits do not)."""
     if s["data"] == "digits":
-        return fxrelay.data.Digits("train", s["image_size"], imbalance=s["imbalance"]), \
-            fxrelay.data.Digits("val", s["image_size"])
+        # reason: edge padding continues the digits' blank border, so shifted images keep their background
+        shift = RandomCrop(s["image_size"], padding=s["augment"], padding_mode="edge") if s["augment"] else None
+        return (fxrelay.Digits("train", s["image_size"], imbalance=s["imbalance"], transform=shift),
+                fxrelay.Digits("val", s["image_size"]))
     return (fxrelay.Shapes(s["train_size"], s["image_size"], s["num_classes"], seed=seed),
             fxrelay.Shapes(s["val_size"], s["image_size"], s["num_classes"], seed=seed + 1))
 
@@ -248,7 +251,8 @@ def save(out: Path, modes: list[str], seeds: list[int], title: str) -> list[dict
 def describe_data(s: dict[str, Any]) -> str:
     if s["data"] == "digits":
         tail = f", long-tailed {s['imbalance']:g}:1" if s["imbalance"] != 1 else ""
-        return f"digits {s['image_size']}px{tail}, {s['sampler']} sampling"
+        shift = f", shifted by up to {s['augment']} px" if s["augment"] else ""
+        return f"digits {s['image_size']}px{tail}{shift}, {s['sampler']} sampling"
     return f"generated shapes ({s['num_classes']} classes, {s['train_size']} images)"
 
 
@@ -269,6 +273,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warm-up, in epochs")
     p.add_argument("--image-size", type=int, default=32, help="image side in px")
     p.add_argument("--imbalance", type=float, default=1, help="digits: largest / smallest train class (long tail)")
+    p.add_argument("--augment", type=int, default=0, help="digits: shift the training images randomly by up to "
+                                                          "this many px (0: no augmentation)")
     p.add_argument("--sampler", choices=SAMPLERS, default="shuffle",
                    help="training order: shuffled epochs, or Relay BP's ClassAwareSampler")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the generated data")
@@ -284,8 +290,8 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a run reads, as plain data (they travel to the worker processes)."""
-    keys = ("model", "data", "epochs", "batch_size", "lr", "warmup_epochs", "image_size", "imbalance", "sampler",
-            "num_classes", "train_size", "val_size")
+    keys = ("model", "data", "epochs", "batch_size", "lr", "warmup_epochs", "image_size", "imbalance", "augment",
+            "sampler", "num_classes", "train_size", "val_size")
     return {**{k: getattr(args, k) for k in keys}, "progress": not args.no_progress and args.jobs == 1}
 
 
@@ -301,8 +307,8 @@ def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
             p.error(f"--modes: {e}")
     if min(args.seeds, args.epochs, args.jobs, args.threads) < 1:
         p.error("--seeds, --epochs, --jobs and --threads must be >= 1")
-    if args.imbalance != 1 and args.data != "digits":
-        p.error("--imbalance applies to --data digits")
+    if (args.imbalance != 1 or args.augment) and args.data != "digits":
+        p.error("--imbalance and --augment apply to --data digits")
     return modes
 
 

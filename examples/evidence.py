@@ -12,13 +12,13 @@ budget and seeds for every mode; each run single-threaded, runs in ``--jobs`` pr
    increasing depth, and on timm's ``resnet10t`` (with skips).
 2. **Class-aware sampling** (Relay BP's second contribution): on the long-tailed train
    split (``imbalance=10``: 139 images of digit 0 down to 14 of digit 9), standard and
-   relay with shuffled epochs and with :class:`fxrelay.ClassAwareSampler`. The validation
-   split is balanced, so its accuracy is the balanced accuracy; the tail is digits 7-9
-   (23, 18 and 14 train images).
+   relay with shuffled epochs and with :class:`fxrelay.ClassAwareSampler`, without and with
+   augmentation (random shifts of up to 4 px). The validation split is balanced, so its
+   accuracy is the balanced accuracy; the tail is digits 7-9 (23, 18 and 14 train images).
 
 Writes every run's CSVs under ``OUT`` (``OUT/depth/MODEL/MODE/seedS/``,
-``OUT/longtail/SAMPLER/MODE/seedS/``), and under ``DOCS``: ``evidence/results.md`` (the
-tables, the command, the time: wall, CPU and the load average while it ran),
+``OUT/longtail/SAMPLER[-shift4]/MODE/seedS/``), and under ``DOCS``: ``evidence/results.md``
+(the tables, the command, the time: wall, CPU and the load average while it ran),
 ``evidence/depth.csv``, ``evidence/depth.png``, ``evidence/class_aware.csv``,
 ``evidence/class_aware.png``, and ``compare/digits_MODEL.png`` / ``.csv`` (each model's
 curves with error bands, and its summary).
@@ -47,6 +47,7 @@ from compare import Job, mean_std, percent, plt, read_metrics, run_dir  # noqa: 
 DEPTH_MODELS = ("plainnet10", "plainnet20", "plainnet40", "resnet10t")
 LONGTAIL_MODEL = "plainnet20"
 LONGTAIL_MODES = ("standard", "relay-w2")
+SHIFTS = (0, 4)  # reason: 4 px at 32 px is one pixel of the 8x8 originals
 TAIL = (7, 8, 9)
 COMMAND = "python examples/evidence.py --jobs 2"
 
@@ -185,49 +186,62 @@ def _std(std: float) -> float:
     return 0.0 if math.isnan(std) else 100 * std
 
 
+def longtail_dir(sampler: str, shift: int) -> str:
+    """The folder of a class-aware study's configuration: ``class-aware``, ``shuffle-shift4``."""
+    return sampler + (f"-shift{shift}" if shift else "")
+
+
 def class_aware_study(out: Path, docs: Path, seeds: list[int]) -> list[str]:
-    """``class_aware.csv``, ``class_aware.png``; returns the markdown table."""
+    """``class_aware.csv``, ``class_aware.png``; returns the markdown tables."""
     md = [f"Balanced validation accuracy (%) after training on the long-tailed split, mean ± std over {len(seeds)} "
-          f"seeds; tail: digits {', '.join(map(str, TAIL))}:", "",
-          "| mode | sampler | balanced accuracy | tail accuracy | head (digits 0-2) accuracy |",
-          "|---|---|---|---|---|"]
+          f"seeds; tail: digits {', '.join(map(str, TAIL))}; shift: random translation of the training images by up "
+          "to that many pixels:", "",
+          "| mode | sampler | shift | balanced accuracy | tail accuracy | head (digits 0-2) accuracy |",
+          "|---|---|---|---|---|---|"]
     rows, curves = [], {}
-    for mode in LONGTAIL_MODES:
-        for sampler in compare.SAMPLERS:
-            runs = class_accuracy(out / sampler, mode, seeds)
-            balanced = mean_std([statistics.fmean(r.values()) for r in runs])
-            tail = mean_std([statistics.fmean(r[c] for c in TAIL) for r in runs])
-            head = mean_std([statistics.fmean(r[c] for c in (0, 1, 2)) for r in runs])
-            rows.append([mode, sampler, len(seeds), *(f"{v:.4f}" for v in (*balanced, *tail, *head))])
-            md.append(f"| {mode} | {sampler} | {percent(*balanced)} | {percent(*tail)} | {percent(*head)} |")
-            curves[mode, sampler] = [statistics.fmean(r[c] for r in runs) for c in sorted(runs[0])]
+    for shift in SHIFTS:
+        for mode in LONGTAIL_MODES:
+            for sampler in compare.SAMPLERS:
+                runs = class_accuracy(out / longtail_dir(sampler, shift), mode, seeds)
+                balanced = mean_std([statistics.fmean(r.values()) for r in runs])
+                tail = mean_std([statistics.fmean(r[c] for c in TAIL) for r in runs])
+                head = mean_std([statistics.fmean(r[c] for c in (0, 1, 2)) for r in runs])
+                rows.append([mode, sampler, shift, len(seeds), *(f"{v:.4f}" for v in (*balanced, *tail, *head))])
+                md.append(f"| {mode} | {sampler} | {shift} | {percent(*balanced)} | {percent(*tail)} | "
+                          f"{percent(*head)} |")
+                curves[shift, mode, sampler] = [statistics.fmean(r[c] for r in runs) for c in sorted(runs[0])]
     md += ["", "Class-aware minus shuffled, per-seed paired differences in points (mean ± std; seeds where "
-           "class-aware is ahead):", "", "| mode | balanced accuracy | tail accuracy |", "|---|---|---|"]
-    for mode in LONGTAIL_MODES:
-        runs = {s: class_accuracy(out / s, mode, seeds) for s in compare.SAMPLERS}
-        bal = {s: [statistics.fmean(r.values()) for r in runs[s]] for s in compare.SAMPLERS}
-        tail = {s: [statistics.fmean(r[c] for c in TAIL) for r in runs[s]] for s in compare.SAMPLERS}
-        md.append(f"| {mode} | {paired(bal['class-aware'], bal['shuffle'])} | "
-                  f"{paired(tail['class-aware'], tail['shuffle'])} |")
+           "class-aware is ahead):", "", "| mode | shift | balanced accuracy | tail accuracy |", "|---|---|---|---|"]
+    for shift in SHIFTS:
+        for mode in LONGTAIL_MODES:
+            runs = {s: class_accuracy(out / longtail_dir(s, shift), mode, seeds) for s in compare.SAMPLERS}
+            bal = {s: [statistics.fmean(r.values()) for r in runs[s]] for s in compare.SAMPLERS}
+            tail = {s: [statistics.fmean(r[c] for c in TAIL) for r in runs[s]] for s in compare.SAMPLERS}
+            md.append(f"| {mode} | {shift} | {paired(bal['class-aware'], bal['shuffle'])} | "
+                      f"{paired(tail['class-aware'], tail['shuffle'])} |")
     md.append("")
     # reason: the balanced accuracy is the mean of the per-class accuracies, which classes.csv holds exactly
     # (the loop's validation accuracy is the same number on a balanced split)
     with open(docs / "evidence" / "class_aware.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["mode", "sampler", "seeds", "balanced_mean", "balanced_std", "tail_mean", "tail_std",
+        writer.writerow(["mode", "sampler", "shift", "seeds", "balanced_mean", "balanced_std", "tail_mean", "tail_std",
                          "head_mean", "head_std"])
         writer.writerows(rows)
     with open(run_dir(out / "shuffle", LONGTAIL_MODES[0], seeds[0]) / "classes.csv", newline="") as f:
         train_images = [int(r["train_images"]) for r in csv.DictReader(f)]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=150)
-    for (mode, sampler), accs in curves.items():
-        ax.plot(range(len(accs)), [100 * a for a in accs], marker="o", linestyle="-" if sampler == "shuffle" else "--",
-                label=f"{mode}, {sampler}")
-    ax.set(xticks=range(len(train_images)), xticklabels=[f"{c}\n({n})" for c, n in enumerate(train_images)],
-           xlabel="digit (train images)", ylabel="validation accuracy (%)",
-           title=f"long-tailed digits: per-class accuracy, mean over {len(seeds)} seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(SHIFTS), figsize=(6 * len(SHIFTS), 4), dpi=150, sharey=True, squeeze=False)
+    for ax, shift in zip(axes[0], SHIFTS):
+        for k, mode in enumerate(LONGTAIL_MODES):
+            for sampler in compare.SAMPLERS:
+                accs = curves[shift, mode, sampler]
+                ax.plot(range(len(accs)), [100 * a for a in accs], marker="o", color=f"C{k}",
+                        linestyle="-" if sampler == "shuffle" else "--", label=f"{mode}, {sampler}")
+        ax.set(xticks=range(len(train_images)), xticklabels=[f"{c}\n({n})" for c, n in enumerate(train_images)],
+               xlabel="digit (train images)", title=f"shift {shift} px" if shift else "no augmentation")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("validation accuracy (%)")
+    fig.suptitle(f"long-tailed digits: per-class accuracy, mean over {len(seeds)} seeds")
     fig.tight_layout()
     fig.savefig(docs / "evidence" / "class_aware.png")
     plt.close(fig)
@@ -250,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     jobs = [Job(settings(m, args.epochs), mode, s, run_dir(out / "depth" / m, mode, s))
             for m in reversed(models) for mode in compare.MODES for s in seeds]  # reason: the slowest runs first
-    jobs += [Job(settings(args.longtail_model, args.longtail_epochs, imbalance=10, sampler=sampler), mode, s,
-                 run_dir(out / "longtail" / sampler, mode, s))
-             for sampler in compare.SAMPLERS for mode in LONGTAIL_MODES for s in seeds]
+    jobs += [Job(settings(args.longtail_model, args.longtail_epochs, imbalance=10, sampler=sampler, augment=shift),
+                 mode, s, run_dir(out / "longtail" / longtail_dir(sampler, shift), mode, s))
+             for shift in SHIFTS for sampler in compare.SAMPLERS for mode in LONGTAIL_MODES for s in seeds]
     print(f"{len(jobs)} runs in {args.jobs} single-threaded processes", flush=True)
     tic = time.perf_counter()
     with LoadMonitor() as load:

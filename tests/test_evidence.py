@@ -45,15 +45,17 @@ def test_evidence_quick_runs_every_part_and_its_tables_are_the_runs_numbers(tmp_
         # reason: the validation split is balanced, so the loop's accuracy is the mean per-class accuracy
         assert statistics.fmean(float(r["val_accuracy"]) for r in classes) == pytest.approx(main[0], abs=1e-6)
         assert [int(r["val_images"]) for r in classes] == [35] * 10
-    aware = {(r["mode"], r["sampler"]): r for r in _rows(docs / "evidence" / "class_aware.csv")}
-    assert set(aware) == {(m, s) for m in ("standard", "relay-w2") for s in ("shuffle", "class-aware")}
-    for (mode, sampler), row in aware.items():
-        classes = _rows(tmp_path / "longtail" / sampler / mode / "seed0" / "classes.csv")
+    aware = {(r["mode"], r["sampler"], r["shift"]): r for r in _rows(docs / "evidence" / "class_aware.csv")}
+    assert set(aware) == {(m, s, shift) for m in ("standard", "relay-w2") for s in ("shuffle", "class-aware")
+                          for shift in ("0", "4")}
+    for (mode, sampler, shift), row in aware.items():
+        folder = sampler + ("-shift4" if shift == "4" else "")
+        classes = _rows(tmp_path / "longtail" / folder / mode / "seed0" / "classes.csv")
         assert [int(r["train_images"]) for r in classes] == [139, 108, 83, 65, 50, 39, 30, 23, 18, 14]
         tail = statistics.fmean(float(r["val_accuracy"]) for r in classes[7:])
         assert float(row["tail_mean"]) == pytest.approx(tail, abs=5e-5)
     text = (docs / "evidence" / "results.md").read_text()
-    assert "| plainnet10 |" in text and "| relay-w2 | class-aware |" in text and "min wall" in text
+    assert "| plainnet10 |" in text and "| relay-w2 | class-aware | 4 |" in text and "min wall" in text
 
 
 @pytest.mark.parametrize("modes, message", [

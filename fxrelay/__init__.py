@@ -37,7 +37,7 @@ _EXPORTS = {
     "fxrelay.deployment.fold": ("fold_bn", "fold_report"),
     "fxrelay.deployment.bn_stats": ("recalibrate_bn",),
     "fxrelay.diagrams.render": ("GraphvizNotFound", "render", "render_graph"),
-    "fxrelay.data": ("ClassAwareSampler", "Shapes"),
+    "fxrelay.data": ("ClassAwareSampler", "Digits", "Shapes"),
     "fxrelay.train.loop": ("Trainer", "fit"),
     "fxrelay.train.memory": ("AllocatedBytes", "SavedBytes"),
     "fxrelay.train.localstep": ("LocalStep", "LocalStepResult"),

@@ -296,7 +296,7 @@ def test_compare_py_reads_the_metrics(tmp_path, capsys):
     with open(tmp_path / "compare.csv", newline="") as f:
         rows = {r["mode"]: float(r["epoch1"]) for r in csv.DictReader(f)}
     for mode in ("standard", "relay"):
-        with open(tmp_path / mode / "metrics.csv", newline="") as f:
+        with open(tmp_path / mode / "seed0" / "metrics.csv", newline="") as f:
             main = [float(r["val_accuracy"]) for r in csv.DictReader(f) if r["main"] == "1"]
         assert rows[mode] == pytest.approx(main[0], abs=5e-5)
     assert (tmp_path / "compare.png").stat().st_size > 0 and "relay " in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Data for relay training: class-aware sampling and datasets that need no download.
+"""Data for relay training: class-aware sampling and datasets that need no download
+(generated :class:`Shapes`; scikit-learn's real :class:`Digits`, with the ``data`` extra).
 
 Example:
     >>> import torch, fxrelay.data as data
@@ -10,7 +11,9 @@ Example:
     (torch.Size([5, 3, 32, 32]), 5)
 """
 
+from .digits import Digits, imbalanced_counts
 from .sampling import ClassAwareSampler, class_aware_sequence, reshuffled_passes
 from .shapes import Shapes, render_shapes
 
-__all__ = ["ClassAwareSampler", "Shapes", "class_aware_sequence", "render_shapes", "reshuffled_passes"]
+__all__ = ["ClassAwareSampler", "Digits", "Shapes", "class_aware_sequence", "imbalanced_counts", "render_shapes",
+           "reshuffled_passes"]

@@ -1,6 +1,6 @@
 """The evidence study on real images: does relay help, at which depth, and does class-aware sampling?
 
-    python examples/evidence.py --jobs 2          # the full study: about 25 minutes on 2 quiet cores
+    python examples/evidence.py --jobs 2          # the full study: under 30 minutes on 2 quiet cores
     python examples/evidence.py --quick           # smoke test: one seed, one epoch, the smallest depth
 
 Two parts, all on scikit-learn's digits (:class:`fxrelay.data.Digits`, 32x32, 3 channels;
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # reason: compare.py i
 import compare  # noqa: E402
 from compare import Job, mean_std, percent, plt, read_metrics, run_dir  # noqa: E402
 
-DEPTH_MODELS = ("plainnet10", "plainnet20", "plainnet40", "resnet10t")
+DEPTH_MODELS = ("plainnet10", "plainnet30", "plainnet60", "resnet10t")
 LONGTAIL_MODEL = "plainnet20"
 LONGTAIL_MODES = ("standard", "relay-w2")
 SHIFTS = (0, 4)  # reason: 4 px at 32 px is one pixel of the 8x8 originals
@@ -150,7 +150,7 @@ def depth_study(out: Path, docs: Path, models: list[str], seeds: list[int]) -> l
         runs = {mode: finals(out / m, mode, seeds) for mode in compare.MODES}
         md.append(f"| {m} | " + " | ".join(f"{paired(runs[w], runs['standard'])} | {paired(runs[w], runs['deep'])}"
                                            for w in compare.MODES if w.startswith("relay")) + " |")
-    md += ["", f"Training seconds per run (mean, wall clock, loaded machine): " + ", ".join(
+    md += ["", "Training seconds per run (mean, wall clock, two runs at a time): " + ", ".join(
         f"{m} {statistics.fmean(by[m, mode]['train_seconds'] for mode in compare.MODES):.0f}" for m in models), ""]
     plot_depth(by, models, seeds, docs / "evidence" / "depth.png")
     return md

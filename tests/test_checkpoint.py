@@ -80,6 +80,8 @@ def test_peak_memory_is_the_boundaries_plus_one_stage(mode):
             F.cross_entropy(model(x), y).backward()
         peaks.append(allocated.peak)
     estimate = fxrelay.plan_of(model).memory_estimate(4)
-    assert peaks[1] < 0.75 * peaks[0]
-    assert peaks[1] < 1.6 * estimate["checkpointed"]  # reason: plus the backward's own temporaries
+    assert peaks[1] < 0.6 * peaks[0]
+    # reason: plus the backward's own temporaries; relay's overlap stages recompute once, in their own backward
+    # (through torch.utils.checkpoint they recomputed once per nested pass and kept both: 1.5x the estimate)
+    assert peaks[1] < 1.2 * estimate["checkpointed"]
     assert estimate["checkpointed"] < 0.65 * estimate["one-line"]

@@ -107,11 +107,9 @@ def overlap(stage: nn.Module, channels: tuple[int, ...], input_channels: tuple[t
     if not (torch.is_grad_enabled() and stage.training):
         outs = _outputs(stage, stage(*(group[0] for group in groups)))
         return tuple(o for o in outs for _ in channels)
-    if checkpoint:
-        return checkpointed(_OverlapCall(stage, channels, input_channels), *inputs)
     call = _Call(stage, channels, input_channels, groups)
     params = tuple(p for p in stage.parameters() if p.requires_grad)
-    copies = _Overlap.apply(call, len(params), *call.tensor_inputs, *params)
+    copies = _Overlap.apply(call, len(params), checkpoint, *call.tensor_inputs, *params)
     return call.assemble(copies)
 
 
@@ -265,18 +263,6 @@ class _Call:
         return tuple(result)
 
 
-class _OverlapCall(nn.Module):
-    """An overlap of ``stage`` as a module of its own, to checkpoint it as a whole."""
-
-    def __init__(self, stage: nn.Module, channels: tuple[int, ...], input_channels: tuple[tuple[int, ...], ...]):
-        super().__init__()
-        self.stage, self.channels, self.input_channels = stage, channels, input_channels
-        self.training = stage.training
-
-    def forward(self, *inputs: Any) -> tuple[Any, ...]:
-        return overlap(self.stage, self.channels, self.input_channels, *inputs)
-
-
 def _outputs(stage: nn.Module, result: Any) -> tuple[Any, ...]:
     """The stage's output values: a stage module returns a tuple only when it has several."""
     output = next(n for n in reversed(stage.graph.nodes) if n.op == "output")
@@ -300,21 +286,28 @@ class _RngState:
 
 
 class _Overlap(torch.autograd.Function):
-    """Forward once; backward: :func:`stage_backward` with one cotangent per channel."""
+    """Forward once; backward: :func:`stage_backward` with one cotangent per channel.
+
+    With ``recompute``, the forward keeps only the inputs and the backward runs the stage
+    again first (``torch.utils.checkpoint`` cannot do it from outside: the backward's nested
+    autograd passes over the inner graph are graph tasks of their own, each of which would
+    recompute the stage once more).
+    """
 
     @staticmethod
-    def forward(ctx: Any, call: _Call, n_params: int, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, call: _Call, n_params: int, recompute: bool,
+                *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         copies, params = args[:len(args) - n_params], args[len(args) - n_params:]
         leaves = []
         for group in _slots(call, copies):
             needs_grad = any(t.requires_grad for t in group) and group[0].is_floating_point()
             leaves.append(group[0].detach().requires_grad_(needs_grad))
         rng = _RngState(leaves)
-        with torch.enable_grad():
+        with torch.set_grad_enabled(not recompute):
             outs = call.run(leaves)
         # reason: saved tensors live exactly as long as the outer graph (freed by backward unless retained)
-        ctx.save_for_backward(*copies, *leaves, *outs)
-        ctx.call, ctx.params, ctx.rng = call, params, rng
+        ctx.save_for_backward(*copies, *leaves, *(() if recompute else outs))
+        ctx.call, ctx.params, ctx.rng, ctx.recompute = call, params, rng, recompute
         ctx.set_materialize_grads(False)
         return tuple(o.detach() for o in outs for _ in call.channels)
 
@@ -324,9 +317,14 @@ class _Overlap(torch.autograd.Function):
         n_copies, n_leaves = sum(call.slot_sizes), len(call.slot_sizes)
         copies, leaves, outs = saved[:n_copies], saved[n_copies:n_copies + n_leaves], saved[n_copies + n_leaves:]
         k = len(call.channels)
-        cotangents = {c: [grads[o * k + ci] for o in range(len(outs))] for ci, c in enumerate(call.channels)}
+        cotangents = {c: list(grads[ci::k]) for ci, c in enumerate(call.channels)}
         if torch.is_grad_enabled():
             param_grads, input_grads = _differentiable_backward(call, ctx.rng, copies, cotangents, ctx.params)
+        elif ctx.recompute:
+            with torch.enable_grad():
+                outs = call.rerun(list(leaves), ctx.rng)
+            param_grads, input_grads = stage_backward(outs, cotangents, ctx.params, leaves, call.slot_channels,
+                                                      accumulate=False)
         else:
             # reason: the kept graph lives as long as this node's saved tensors (retain_graph decides)
             param_grads, input_grads = stage_backward(outs, cotangents, ctx.params, leaves, call.slot_channels,
@@ -334,7 +332,7 @@ class _Overlap(torch.autograd.Function):
         flat = []
         for i, (chans, size) in enumerate(zip(call.slot_channels, call.slot_sizes)):
             flat += [input_grads.get((i, c)) for c in chans] if chans else [None] * size
-        return (None, None, *flat, *param_grads)
+        return (None, None, None, *flat, *param_grads)
 
 
 def _slots(call: _Call, copies: Sequence[torch.Tensor]) -> list[Sequence[torch.Tensor]]:

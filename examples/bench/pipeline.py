@@ -69,7 +69,8 @@ class StageGroup(nn.Module):
     def __init__(self, plan: fxrelay.Plan, indices: range):
         super().__init__()
         self.plan, self.indices = plan, indices
-        self.stages = nn.ModuleList(plan.stage_modules()[i] for i in indices)
+        modules = fxrelay.split_stages(plan)
+        self.stages = nn.ModuleList(modules[i] for i in indices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = self.plan.stages[self.indices.start]

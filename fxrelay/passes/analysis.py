@@ -30,7 +30,7 @@ import contextlib
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -332,13 +332,28 @@ def _meta_training_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], di
     return params, {**params, **{k: torch.empty_like(v, device="meta") for k, v in module.named_buffers()}}
 
 
+@contextlib.contextmanager
+def _training_but_batch_norm(module: nn.Module) -> Iterator[None]:
+    """``module`` in train mode for the block, but its batch norms that keep running statistics.
+
+    Train- and eval-mode batch norm save the same bytes for backward (the input and two
+    per-channel vectors); on meta tensors the eval kernel is fast and the train one is a
+    Python decomposition (resnet50's pass: 0.071 s -> 0.035 s, densenet121's 0.40 -> 0.09 s).
+    """
+    with training_mode(module, True):
+        for m in module.modules():
+            if isinstance(m, BatchNormBase) and m.track_running_stats:
+                m.training = False
+        yield
+
+
 def _saved_bytes(gm: fx.GraphModule, inputs: tuple, batch: int) -> dict[str, int]:
     """Per node, the bytes a train-mode step saves for backward there (meta tensors; {} if the model
     cannot run on them)."""
     params, state = _meta_training_state(gm)
     counter = _SavedBytes(params.values())
     try:
-        with training_mode(gm, True), torch.enable_grad(), counter.hooks():
+        with _training_but_batch_norm(gm), torch.enable_grad(), counter.hooks():
             _run_with_state(gm, state, _PerNode(gm, counter).run, _resized(inputs, batch, 1, "meta"))
     except Exception:  # noqa: BLE001  (reason: models that need values or real devices get no estimate)
         return {}

@@ -129,6 +129,39 @@ def test_the_example_input_follows_the_size_the_model_declares(model, size):
     assert len(fxrelay.partition(model).stages) == 4
 
 
+class _SpaceToDepthStem(nn.Module):
+    """tresnet's stem: 4x4 pixel blocks become channels, so the first convolution reads 48 of them."""
+
+    in_chans = 3
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(48, 8, 3)
+
+    def forward(self, x):
+        return self.conv(F.pixel_unshuffle(x, 4))
+
+
+class _LinearPatchEmbed(nn.Module):
+    """naflexvit's stem: patches through a Linear, with timm's declared input size."""
+
+    pretrained_cfg = {"input_size": (3, 32, 32)}
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3 * 16 * 16, 8)
+
+    def forward(self, x):
+        return self.proj(F.unfold(x, 16, stride=16).transpose(1, 2))
+
+
+@pytest.mark.parametrize("model, shape", [(_SpaceToDepthStem, (1, 3, 224, 224)), (_LinearPatchEmbed, (1, 3, 32, 32))])
+def test_declared_channels_and_size_win_over_the_first_layer(model, shape):
+    x = fxrelay.default_example_input(model())
+    assert x.shape == shape
+    model()(x)
+
+
 def test_an_input_the_model_rejects_says_what_was_assumed():
     class Fixed(nn.Module):
         def __init__(self):

@@ -202,11 +202,12 @@ class GeneratedCodeTracer(Tracer):
 def default_example_input(model: nn.Module) -> torch.Tensor:
     """A seeded random batch of one in the size, dtype and device ``model`` declares.
 
-    A model without convolutions whose first ``Linear`` has ``in_features`` gets
-    ``(1, in_features)``. Otherwise the channels are the first convolution's and the
+    The channels are timm's ``in_chans``, else the first convolution's, else 3; the
     spatial size comes from, in order: a timm ``patch_embed.img_size`` (models built with
     ``img_size=...``), a torchvision ``image_size``, timm's ``pretrained_cfg["input_size"]``,
-    else 224. The dtype and device are those of the first floating-point parameter.
+    else 224. A model that declares none of these and has no convolution but a ``Linear``
+    gets ``(1, in_features)`` of its first one. The dtype and device are those of the first
+    floating-point parameter.
 
     >>> default_example_input(nn.Sequential(nn.Linear(5, 2))).shape
     torch.Size([1, 5])
@@ -219,12 +220,18 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
 
 
 def _declared_input_size(model: nn.Module) -> tuple[int, ...]:
-    convs = (m for m in model.modules() if isinstance(m, _CONVS))
-    first = next(convs, None) or next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-    if isinstance(first, nn.Linear):
-        return (first.in_features,)
+    spatial = _declared_spatial_size(model)
+    # reason: timm's in_chans, not the first convolution's, when a stem rearranges pixels into channels (tresnet)
+    channels = getattr(model, "in_chans", None)
+    first = next((m for m in model.modules() if isinstance(m, _CONVS)), None)
+    if first is None and spatial is None and not isinstance(channels, int):
+        linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+        if linear is not None:
+            return (linear.in_features,)
+    if not isinstance(channels, int):
+        channels = first.in_channels if first is not None else 3
     dims = first.weight.dim() - 2 if first is not None else 2
-    return (first.in_channels if first is not None else 3, *(_declared_spatial_size(model) or (224,) * dims))
+    return (channels, *(spatial or (224,) * dims))
 
 
 def _declared_spatial_size(model: nn.Module) -> tuple[int, ...] | None:

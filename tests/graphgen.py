@@ -333,7 +333,9 @@ class _Builder:
             return self.block_conv(v)
         self.use("module_reuse")
         self.save(v)
-        return self.value(f"F.relu({self.draw(st.sampled_from(fits))}({v.name}))", "tensor", v.shape, v.level)
+        out = self.value(f"F.relu({self.draw(st.sampled_from(fits))}({v.name}))", "tensor", v.shape, v.level)
+        self.save(out)  # reason: relu saves its output, so no later block may mutate it in place
+        return out
 
     def raw_param(self, prefix: str, shape: tuple, init: str) -> str:
         fits = [name for name, s in self.raw.items() if name.startswith(prefix) and s == shape]

@@ -371,7 +371,7 @@ def saved_bytes_per_sample(module: nn.Module, sample_shape: tuple[int, ...]) -> 
     x = torch.empty(2, *sample_shape, device="meta")
     counter = _SavedBytes([*params.values(), x])
     try:
-        with training_mode(module, True), torch.enable_grad(), counter.hooks():
+        with _training_but_batch_norm(module), torch.enable_grad(), counter.hooks():
             functional_call(module, state, (x,))
     except Exception:  # noqa: BLE001  (reason: see _saved_bytes)
         return 0

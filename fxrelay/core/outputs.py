@@ -196,16 +196,35 @@ def head_losses(loss: torch.Tensor) -> list[float]:
     return [float(v.detach()) for v in values]
 
 
-def combine_heads(output: Any, aux: tuple, weights: tuple[float, ...], path: OutputPath = ()) -> Any:
-    """The model output with its leaf at ``path`` carrying every head; unchanged when the aux
-    heads did not run (eval mode)."""
+def combine_heads(output: Any, aux: tuple = (), weights: tuple[float, ...] = (), path: OutputPath = (),
+                  views: tuple | None = None) -> Any:
+    """The model output with every head in it; unchanged when the aux heads did not run (eval mode).
+
+    Args:
+        output: the main head's output.
+        aux: the aux heads' logits, aligned with ``plan.aux_heads``.
+        weights: every head's loss weight (main head last).
+        path: the keys to the output leaf the heads' logits take the place of.
+        views: for a structured output, each aux head's view of it (its other leaves read in
+            that head's gradient channel, see :mod:`fxrelay.core.wiring`); then every
+            floating-point tensor leaf carries one value per head. ``None``: only the leaf at
+            ``path`` does (the output is that leaf).
+    """
     if any(a is None for a in aux):
         return output
     if functorch_active():
         raise RuntimeError("torch.func transforms (grad, vmap, jacrev) do not see the aux heads of a model made by "
                            "fxrelay.transform, so its gradients would be wrong: use torch.autograd.grad or "
                            "loss.backward() (torch.func.functional_call alone is fine)")
-    return replace_leaf(output, path, lambda main: HeadOutputs.of([*aux, main], weights))
+    if views is None:
+        return replace_leaf(output, path, lambda main: HeadOutputs.of([*aux, main], weights))
+    per_head = [dict(output_leaves(replace_leaf(v, path, lambda _, a=a: a))) for v, a in zip(views, aux)]
+    result = replace_leaf(output, path, lambda main: HeadOutputs.of([*aux, main], weights))
+    for key, leaf in output_leaves(output):
+        if key != tuple(path) and isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            values = [*(heads[key] for heads in per_head), leaf]
+            result = replace_leaf(result, key, lambda _, values=values: HeadOutputs.of(values, weights))
+    return result
 
 
 def output_leaves(output: Any, path: OutputPath = ()) -> list[tuple[OutputPath, Any]]:

@@ -23,6 +23,7 @@ from ..core.ir import Stage
 from ..core.outputs import combine_heads
 from ..core.plan import Plan
 from ..core.scopes import checkpointed, detach, overlap
+from ..core.wiring import Wiring, plan_wiring, view_nodes
 from .tracing import GeneratedCodeTracer
 
 __all__ = ["StagedModule", "staged_graph"]
@@ -61,12 +62,15 @@ def _unpickle(body: dict, import_block: str) -> StagedModule:
 
 
 def staged_graph(plan: Plan) -> fx.Graph:
-    """The training graph: stages, gradient scopes, heads and the combined output."""
+    """The training graph: each stage, the aux heads reading it right after it, and the combined output
+    (every read in the gradient channel :mod:`fxrelay.core.wiring` gives it)."""
     graph = fx.Graph(tracer_cls=GeneratedCodeTracer)
+    wiring = plan_wiring(plan)
     values = _ChannelValues(graph)
     for name in plan.input_names:
         values.plain[name] = graph.placeholder(name)
-    for stage, scope in zip(plan.stages, plan.scopes()):
+    head_nodes = {}
+    for stage, scope in zip(plan.stages, wiring.scopes):
         args = [values.for_channels(name, chans) for name, chans in zip(stage.inputs, scope.input_channels)]
         if scope.overlap:
             _emit_overlap(graph, values, stage, scope, [a for group in args for a in group], plan.checkpoint)
@@ -78,18 +82,38 @@ def staged_graph(plan: Plan) -> fx.Graph:
             for name, node in zip(stage.outputs, outs):
                 values.plain[name] = node
                 values.per_channel.update({(name, c): node for c in scope.channels})
-    head_nodes = tuple(
-        _call(graph, f"heads.{plan.stages[h.stage].name}", (values.get(plan.stages[h.stage].outputs[-1], h.window[0]),),
-              f"aux_{plan.stages[h.stage].name}", plan.checkpoint)
-        for h in plan.aux_heads)
-    channel = plan.heads[-1].window[0] if plan.heads else None
-    result = fx.node.map_arg(plan.output_node.args[0], lambda n: values.get(n.name, channel))
+        for h in plan.aux_heads:  # reason: each head right after its stage: one order of random draws everywhere
+            if h.stage == stage.index:
+                features = values.read(stage.outputs[-1], wiring.head_channel(h.index, 0))
+                head_nodes[h.index] = _call(graph, f"heads.{stage.name}", (features,), f"aux_{stage.name}",
+                                            plan.checkpoint)
+    main = plan.heads[-1].index if plan.heads else None
+    positions = iter(range(len(wiring.head_values[main]) if plan.heads else 0))
+    result = fx.node.map_arg(plan.output_node.args[0], lambda n: values.read(
+        n.name, wiring.head_channel(main, next(positions))) if plan.heads else values.get(n.name, None))
     if head_nodes:  # reason: standard mode (no aux heads) returns exactly what the original does
-        result = graph.create_node("call_function", combine_heads,
-                                   (result, head_nodes, tuple(h.weight for h in plan.heads), plan.output),
-                                   name="output")
+        kwargs = {"aux": tuple(head_nodes[h.index] for h in plan.aux_heads),
+                  "weights": tuple(h.weight for h in plan.heads)}
+        if plan.output:
+            kwargs["path"] = plan.output
+        if _structured(wiring, main):
+            kwargs["views"] = tuple(_view(plan, wiring, values, h.index) for h in plan.aux_heads)
+        result = graph.create_node("call_function", combine_heads, (result,), kwargs, name="output")
     graph.output(result)
     return graph
+
+
+def _structured(wiring: Wiring, main: int) -> bool:
+    """Whether the output has other values than the main logits (then every head gets its own view)."""
+    return len(wiring.head_values[main]) > 1 or view_nodes(wiring.plan)[1] is None
+
+
+def _view(plan: Plan, wiring: Wiring, values: "_ChannelValues", head: int) -> object:
+    """Head ``head``'s view of the output (the leaf its logits replace is ``None``)."""
+    at_path = view_nodes(plan)[1]
+    positions = iter(range(1, len(wiring.head_values[head])))
+    return fx.node.map_arg(plan.output_node.args[0], lambda n: None if n.name == at_path else values.read(
+        n.name, wiring.head_channel(head, next(positions))))
 
 
 def _call(graph: fx.Graph, path: str, args: tuple, name: str, checkpoint: bool) -> fx.Node:
@@ -118,6 +142,7 @@ class _ChannelValues:
         self.graph = graph
         self.plain: dict[str, fx.Node] = {}
         self.per_channel: dict[tuple[str, int], fx.Node] = {}
+        self.detached: dict[str, fx.Node] = {}
 
     def get(self, name: str, channel: int | None) -> fx.Node:
         if (name, channel) in self.per_channel:
@@ -127,9 +152,18 @@ class _ChannelValues:
         # reason: an overlap stage's output read where none of its channels continues: any copy, detached below
         return next(node for (value, _), node in self.per_channel.items() if value == name)
 
+    def read(self, name: str, channel: int | None) -> fx.Node:
+        """The node a head reads ``name`` from in ``channel`` (``None``: a detached copy)."""
+        if channel is not None:
+            return self.get(name, channel)
+        source = self.get(name, None)
+        key = f"{source.name}_detached"
+        if key not in self.detached:
+            self.detached[key] = self.graph.create_node("call_function", detach, (source,), name=key)
+        return self.detached[key]
+
     def for_channels(self, name: str, channels: tuple[int, ...]) -> list[fx.Node]:
         """The arguments for a stage input: one per continuing channel, else one detached copy."""
         if channels:
             return [self.get(name, c) for c in channels]
-        source = self.get(name, None)
-        return [self.graph.create_node("call_function", detach, (source,), name=f"{source.name}_detached")]
+        return [self.read(name, None)]

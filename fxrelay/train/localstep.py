@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..passes.rewrite import plan_of
+from ..passes.rewrite import is_transformed, plan_of
 from .stagerun import AllReduceSink, StageRunner
 
 __all__ = ["LocalStep", "LocalStepResult"]
@@ -89,11 +89,16 @@ class LocalStep:
         process_group: all-reduce gradients over this group (data parallelism).
 
     Raises:
-        TypeError: ``model`` was not made by :func:`fxrelay.transform`.
+        TypeError: ``model`` was not made by :func:`fxrelay.transform`, or wraps one
+            (``DistributedDataParallel``: pass the model itself and ``process_group=``).
     """
 
     def __init__(self, model: nn.Module, criterion: Callable[[Any, Any], torch.Tensor], *,
                  grad_scaler: Any = None, process_group: dist.ProcessGroup | None = None):
+        if isinstance(getattr(model, "module", None), nn.Module) and is_transformed(model.module):
+            raise TypeError(f"LocalStep runs its own backward, which {type(model).__name__}'s hooks do not see "
+                            "(gradients would not be all-reduced): use LocalStep(model.module, criterion, "
+                            "process_group=...)")
         self.plan = plan_of(model)
         self._sink = AllReduceSink(process_group) if process_group is not None else None
         self._runner = StageRunner(model, criterion, grad_scaler=grad_scaler, grad_sink=self._sink)
@@ -103,6 +108,7 @@ class LocalStep:
 
         Raises:
             ValueError: the model is in eval mode, or the criterion is not a scalar.
+            RuntimeError: called under ``torch.no_grad()`` or ``torch.inference_mode()``.
         """
         inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         tape = self._runner.forward(self._runner.tape(inputs, y))

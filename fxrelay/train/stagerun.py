@@ -42,119 +42,29 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
-from ..core._compat import tree_map
-from ..core.channels import StageScope
+from ..core._compat import tree_flatten, tree_map
 from ..core.ir import Head
-from ..core.plan import Plan
+from ..core.outputs import replace_leaf
+from ..core.wiring import Wiring, plan_wiring, view_nodes
 from ..core.scopes import stage_backward
 from ..passes.rewrite import plan_of
 
 __all__ = ["Wiring", "wiring", "Tape", "TapeResult", "Transport", "StageRunner", "AllReduceSink"]
 
 
-# --- static wiring: who produces and who reads every cut value ---
-
-@dataclass(frozen=True)
-class Read:
-    """One gradient-carrying read of a cut value.
-
-    Attributes:
-        value: the value's name.
-        channel: the gradient channel the reader's cotangent belongs to.
-        stage: the stage whose process runs the reader (a head: the stage it reads).
-    """
-
-    value: str
-    channel: int
-    stage: int
-
-
-@dataclass(frozen=True)
-class Wiring:
-    """The data flow between the stages and heads of a transformed model (static).
-
-    Attributes:
-        plan: the model's Plan.
-        scopes: the gradient channels of every stage.
-        producer: value name -> producing stage (-1: a model input).
-        position: value name -> its index in the producer's outputs (or in the model inputs).
-        reads: every gradient-carrying read; its index names the cotangent it sends back.
-        stage_reads: ``(stage, input index, channel) -> read index``.
-        head_values: per head, the names of the values it reads (the main head: the
-            leaves of the model output, in order).
-        head_reads: ``(head, value position) -> read index`` (absent: no gradient).
-        expected: ``(stage, channel) -> number of reads`` whose cotangents it waits for.
-        readers: value name -> the stages reading it in the forward (consumer stages, and
-            the stages of the heads reading it).
-    """
-
-    plan: Plan
-    scopes: tuple[StageScope, ...]
-    producer: dict[str, int]
-    position: dict[str, int]
-    reads: tuple[Read, ...]
-    stage_reads: dict[tuple[int, int, int], int]
-    head_values: tuple[tuple[str, ...], ...]
-    head_reads: dict[tuple[int, int], int]
-    expected: dict[tuple[int, int], int]
-    readers: dict[str, tuple[int, ...]]
-
-
 def wiring(model: nn.Module) -> Wiring:
-    """The :class:`Wiring` of a transformed model."""
-    plan = plan_of(model)
-    scopes = plan.scopes()
-    producer = {name: -1 for name in plan.input_names}
-    position = {name: i for i, name in enumerate(plan.input_names)}
-    for s in plan.stages:
-        producer.update({name: s.index for name in s.outputs})
-        position.update({name: o for o, name in enumerate(s.outputs)})
-    reads: list[Read] = []
-    stage_reads = {}
-    for s, scope in zip(plan.stages, scopes):
-        for i, (name, chans) in enumerate(zip(s.inputs, scope.input_channels)):
-            for c in chans:
-                stage_reads[(s.index, i, c)] = len(reads)
-                reads.append(Read(name, c, s.index))
-    output_names: list[str] = []
-    fx.node.map_arg(plan.output_node.args[0], lambda n: output_names.append(n.name))
-    head_values, head_reads = [], {}
-    for h in plan.heads:
-        names = tuple(output_names) if h.is_main else (plan.stages[h.stage].outputs[-1],)
-        head_values.append(names)
-        for pos, name in enumerate(names):
-            channel = _read_channel(scopes, producer[name], h.window[0])
-            if channel is not None:
-                head_reads[(h.index, pos)] = len(reads)
-                reads.append(Read(name, channel, h.stage))
-    expected = {(s, c): 0 for s, scope in enumerate(scopes) for c in scope.channels}
-    for r in reads:
-        if producer[r.value] >= 0:
-            expected[(producer[r.value], r.channel)] += 1
-    readers = {name: tuple([s.index for s in plan.stages if name in s.inputs]
-                           + [h.stage for h, names in zip(plan.heads, head_values) if name in names])
-               for name in producer}
-    return Wiring(plan, scopes, producer, position, tuple(reads), stage_reads, tuple(head_values), head_reads,
-                  expected, readers)
-
-
-def _read_channel(scopes: Sequence[StageScope], stage: int, lo: int) -> int | None:
-    """The channel a head of window ``lo..`` reads stage ``stage``'s value in (None: no gradient)."""
-    if stage < 0:
-        return 0 if lo == 0 else None
-    channels = scopes[stage].channels
-    if lo in channels:
-        return lo
-    # reason: the one-line graph reads a single-channel stage's plain output whatever the head's window
-    return channels[0] if len(channels) == 1 else None
+    """The :class:`~fxrelay.core.wiring.Wiring` of a transformed model."""
+    return plan_wiring(plan_of(model))
 
 
 # --- one micro-batch ---
 
 @dataclass
 class _StageState:
-    leaves: list[Any]
-    outs: tuple[Any, ...]
+    leaves: list[torch.Tensor]           # reason: the tensor leaves of every input, flat
+    in_slices: list[slice]
+    outs: list[Any]                      # reason: the tensor leaves of every output, flat
+    out_slices: list[slice]
     cotangents: dict[int, list[torch.Tensor | None]]
     pending: dict[int, int]
     ready: set[int] = field(default_factory=set)
@@ -180,6 +90,8 @@ class Tape:
     env: dict[str, Any] = field(default_factory=dict)
     uses: dict[str, int] = field(default_factory=dict)
     states: dict[int, _StageState] = field(default_factory=dict)
+    heads: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    input_grads: dict[str, tuple[int, list[torch.Tensor | None]]] = field(default_factory=dict)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     output: Any = None
 
@@ -206,16 +118,25 @@ class Transport(Protocol):
     def send_value(self, tape: Tape, name: str, value: Any) -> None:
         """Send a locally produced value to the processes reading it."""
 
-    def send_grad(self, tape: Tape, read: int, grad: torch.Tensor | None) -> None:
-        """Send the cotangent of read ``read`` (a local reader) to the value's producer."""
+    def send_grad(self, tape: Tape, read: int, grad: Any) -> None:
+        """Send the cotangent of read ``read`` (a local reader) to the value's producer: a tensor, a
+        list with one per tensor leaf of the value, or ``None``."""
 
 
 class StageRunner:
     """Runs a set of stages of a transformed model on explicit values, one micro-batch at a time.
 
+    Every head runs as soon as the stage it reads ran (its module right after that
+    stage, as in the emitted one-line code, so dropout draws the same masks), and its
+    loss as soon as every value of its view exists (see :mod:`fxrelay.core.wiring`).
+    Values crossing stages may be tensors or tuples, lists and dicts of them.
+
     Args:
-        model: a model made by :func:`fxrelay.transform`, in train mode.
-        criterion: ``criterion(logits, target) -> scalar loss``, applied to every head.
+        model: a model made by :func:`fxrelay.transform`, in train mode (a model
+            transformed with stage recompute runs its stages plainly here: same gradients,
+            the engine's own memory).
+        criterion: ``criterion(output, target) -> scalar loss``, applied to every head's
+            view of the output.
         stages: the stages run here (default: all); values and cotangents crossing to
             other stages go through ``transport``.
         grad_scaler: a ``torch.amp.GradScaler``: each head's loss is scaled before its
@@ -239,6 +160,7 @@ class StageRunner:
         local = set(self.stages)
         self.heads = tuple(h for h in plan.heads if h.stage in local)
         self._aux_index = {h.index: k for k, h in enumerate(h for h in plan.heads if not h.is_main)}
+        self._output_names, self._at_path = view_nodes(plan)
         uses: dict[str, int] = {}
         for s in self.stages:
             for name in plan.stages[s].inputs:
@@ -251,15 +173,21 @@ class StageRunner:
                          if any(r not in local for r in self.wiring.readers[name])}
         self.remote_reads = tuple(k for k, r in enumerate(self.wiring.reads)
                                   if self.wiring.producer[r.value] in local and r.stage not in local)
+        self._input_reads = {name: sum(1 for r in self.wiring.reads if r.value == name and r.stage in local)
+                             for name in plan.input_names}
 
     def tape(self, inputs: tuple[Any, ...], target: Any, *, index: int = 0, loss_scale: float = 1.0) -> Tape:
         """A new micro-batch.
 
         Raises:
             ValueError: the model is in eval mode, or ``inputs`` has the wrong length.
+            RuntimeError: gradients are off (``torch.no_grad()``, ``torch.inference_mode()``).
         """
         if not self.model.training:
             raise ValueError("stage-by-stage steps train: call model.train() first (in eval mode, call model(x))")
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            raise RuntimeError("a training step computes gradients: call it outside torch.no_grad() and "
+                               "torch.inference_mode()")
         plan = self.wiring.plan
         if len(inputs) != len(plan.input_names):
             raise ValueError(f"the model takes {len(plan.input_names)} input(s), got {len(inputs)}")
@@ -273,8 +201,8 @@ class StageRunner:
         Args:
             heads_last: run every local stage before the first head, so that values for
                 other processes leave sooner (a pipeline's fill); the local stages' graphs
-                of this micro-batch then live until the heads ran. Default: each head
-                right after its stage (least memory).
+                of this micro-batch then live until the heads ran, and heads draw random
+                numbers in another order. Default: each head right after its stage.
         """
         for s in self.stages:
             self._forward_stage(tape, s)
@@ -283,15 +211,18 @@ class StageRunner:
         if heads_last:
             for s in self.stages:
                 self._run_heads(tape, s)
+        for h in self.heads:
+            if h.index not in tape.losses:
+                self._head_loss(tape, h)  # reason: its view reads values made on other processes
         return tape
 
     def _forward_stage(self, tape: Tape, s: int) -> None:
         plan, scopes = self.wiring.plan, self.wiring.scopes
         stage, scope = plan.stages[s], scopes[s]
-        leaves = [_leaf(self._take(tape, name), bool(chans))
+        inputs = [_leaf(self._take(tape, name), bool(chans))
                   for name, chans in zip(stage.inputs, scope.input_channels)]
         with torch.set_grad_enabled(bool(scope.channels)):
-            result = self.model.stages[s](*leaves)
+            result = self.model.stages[s](*inputs)
         outs = (result,) if len(stage.outputs) == 1 else tuple(result)
         for name, value in zip(stage.outputs, outs):
             if tape.uses.get(name):
@@ -299,38 +230,64 @@ class StageRunner:
             if name in self.exported:
                 self.transport.send_value(tape, name, value)
         if scope.channels:
+            leaves, in_slices = _flat(inputs)
+            flat_outs, out_slices = _flat(outs)
             tape.states[s] = _StageState(
-                leaves, outs, {c: [None] * len(outs) for c in scope.channels},
+                leaves, in_slices, flat_outs, out_slices, {c: [None] * len(flat_outs) for c in scope.channels},
                 {c: self.wiring.expected[(s, c)] for c in scope.channels})
         for c in scope.channels:
             if s in tape.states and self.wiring.expected[(s, c)] == 0:
                 self._ready(tape, s, c)  # reason: no loss reaches the stage through this channel
 
     def _run_heads(self, tape: Tape, s: int) -> None:
+        """After stage ``s``: the aux heads reading it, then every loss whose view now exists."""
         for h in self.heads:
-            if h.stage == s:
-                self._run_head(tape, h)
+            if h.stage == s and not h.is_main:
+                leaf = _leaf(self._take(tape, self.wiring.head_values[h.index][0]),
+                             (h.index, 0) in self.wiring.head_reads)
+                tape.heads[h.index] = (leaf, self.model.heads[self._aux_index[h.index]](leaf))
+        for h in self.heads:
+            if self.wiring.head_after[h.index] == s:
+                self._head_loss(tape, h)
 
-    def deliver(self, tape: Tape, read: int, grad: torch.Tensor | None) -> None:
-        """The cotangent of read ``read``: from a local reader, or received from another process."""
+    def deliver(self, tape: Tape, read: int, grad: Any) -> None:
+        """The cotangent of read ``read`` (a tensor, one per tensor leaf of the value, or None): from
+        a local reader, or received from another process."""
         r = self.wiring.reads[read]
         t = self.wiring.producer[r.value]
-        if t < 0:
-            value = tape.inputs[self.wiring.position[r.value]]
-            if grad is not None and (isinstance(value, torch.Tensor) and value.requires_grad):
-                torch.autograd.backward([value], [grad])
+        if t >= 0 and t not in self.stages:
+            one = isinstance(grad, list) and len(grad) == 1
+            self.transport.send_grad(tape, read, grad[0] if one else grad)  # reason: a bare tensor travels raw
             return
-        if t not in self.stages:
-            self.transport.send_grad(tape, read, grad)
+        grads = [grad] if isinstance(grad, torch.Tensor) else grad
+        if t < 0:
+            self._deliver_input(tape, r.value, grads)
             return
         state = tape.states[t]
-        o = self.wiring.position[r.value]
         cots = state.cotangents[r.channel]
-        if grad is not None:
-            cots[o] = grad if cots[o] is None else cots[o] + grad
+        if grads is not None:
+            for k, g in zip(range(len(state.outs))[state.out_slices[self.wiring.position[r.value]]], grads):
+                if g is not None:
+                    cots[k] = g if cots[k] is None else cots[k] + g
         state.pending[r.channel] -= 1
         if state.pending[r.channel] == 0:
             self._ready(tape, t, r.channel)
+
+    def _deliver_input(self, tape: Tape, name: str, grads: list[torch.Tensor | None] | None) -> None:
+        """Sum a model input's cotangents; one backward into it once every local reader sent its own."""
+        value = tape.inputs[self.wiring.position[name]]
+        tensors = _tensors(value)
+        left, total = tape.input_grads.get(name, (self._input_reads[name], [None] * len(tensors)))
+        for k, g in enumerate(grads or ()):
+            if g is not None:
+                total[k] = g if total[k] is None else total[k] + g
+        tape.input_grads[name] = (left - 1, total)
+        if left > 1:
+            return
+        del tape.input_grads[name]
+        pairs = [(v, g) for v, g in zip(tensors, total) if g is not None and v.requires_grad]
+        if pairs:
+            torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
 
     def finish(self, tape: Tape) -> TapeResult:
         """The micro-batch's losses and output, once every local backward has run.
@@ -351,33 +308,39 @@ class StageRunner:
             del tape.env[name]  # reason: the last local reader ran; stage graphs hold what backward needs
         return value
 
-    def _run_head(self, tape: Tape, head: Head) -> None:
+    def _view(self, head: Head, values: list[Any], logits: Any) -> Any:
+        """What the criterion sees for ``head``: the output with its logits at ``plan.output``."""
+        plan, it = self.wiring.plan, iter(values)
+        view = fx.node.map_arg(plan.output_node.args[0],
+                               lambda n: None if not head.is_main and n.name == self._at_path else next(it))
+        return view if head.is_main else replace_leaf(view, plan.output, lambda _: logits)
+
+    def _head_loss(self, tape: Tape, head: Head) -> None:
         names = self.wiring.head_values[head.index]
+        first = 0 if head.is_main else 1
         reads = [self.wiring.head_reads.get((head.index, pos)) for pos in range(len(names))]
-        leaves = [_leaf(self._take(tape, name), r is not None) for name, r in zip(names, reads)]
-        if head.is_main:
-            module, params = None, []
-            it = iter(leaves)
-            logits = fx.node.map_arg(self.wiring.plan.output_node.args[0], lambda n: next(it))
-        else:
-            module = self.model.heads[self._aux_index[head.index]]
-            params = [p for p in module.parameters() if p.requires_grad]
-            logits = module(leaves[0])
-        loss = self.criterion(logits, tape.target)
+        values = [_leaf(self._take(tape, name), r is not None) for name, r in zip(names[first:], reads[first:])]
+        module_input, logits = tape.heads.pop(head.index, ((), None))
+        view = self._view(head, values, logits)
+        loss = self.criterion(view, tape.target)
         if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
             raise ValueError(f"criterion must return a scalar tensor, got {type(loss).__name__} "
                              f"of shape {tuple(getattr(loss, 'shape', ()))}")
         tape.losses[head.index] = loss.detach()
         if head.is_main:
-            tape.output = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, logits)
+            tape.output = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, view)
         weighted = loss * (head.weight * tape.loss_scale)
         if self.grad_scaler is not None:
             weighted = self.grad_scaler.scale(weighted)
-        grads = self._backward(params, (weighted,), {0: [torch.ones_like(weighted)]}, leaves,
-                               [(0,) if r is not None else () for r in reads], retain=False)
-        for pos, r in enumerate(reads):
+        params = [] if head.is_main else [p for p in self.model.heads[self._aux_index[head.index]].parameters()
+                                          if p.requires_grad]
+        read_values = values if head.is_main else [module_input, *values]
+        leaves, slices = _flat(read_values)
+        channels = [(0,) if r is not None else () for r, sl in zip(reads, slices) for _ in range(sl.start, sl.stop)]
+        grads = self._backward(params, (weighted,), {0: [torch.ones_like(weighted)]}, leaves, channels, retain=False)
+        for r, sl in zip(reads, slices):
             if r is not None:
-                self.deliver(tape, r, grads.get((pos, 0)))
+                self.deliver(tape, r, [grads.get((k, 0)) for k in range(sl.start, sl.stop)])
 
     def _ready(self, tape: Tape, s: int, c: int) -> None:
         state, scope = tape.states[s], self.wiring.scopes[s]
@@ -386,17 +349,20 @@ class StageRunner:
             todo = set(scope.channels) - state.passed
             channels = [tuple(x for x in chans if x in todo) for chans in scope.input_channels]
             params = [p for p in self.model.stages[s].parameters() if p.requires_grad]
-            grads = self._backward(params, state.outs, state.cotangents, state.leaves, channels, retain=False)
+            grads = self._backward(params, state.outs, state.cotangents, state.leaves,
+                                   _per_leaf(channels, state.in_slices), retain=False)
             del tape.states[s]  # reason: the stage's graph is freed; its activations with it
         elif any(c in chans for chans in scope.input_channels):
             channels = [tuple(x for x in chans if x == c) for chans in scope.input_channels]
-            grads = self._backward([], state.outs, {c: state.cotangents[c]}, state.leaves, channels, retain=True)
+            grads = self._backward([], state.outs, {c: state.cotangents[c]}, state.leaves,
+                                   _per_leaf(channels, state.in_slices), retain=True)
             state.passed.add(c)
         else:
             return
-        for i, chans in enumerate(channels):
+        for i, (chans, sl) in enumerate(zip(channels, state.in_slices)):
             for x in chans:
-                self.deliver(tape, self.wiring.stage_reads[(s, i, x)], grads.get((i, x)))
+                self.deliver(tape, self.wiring.stage_reads[(s, i, x)],
+                             [grads.get((k, x)) for k in range(sl.start, sl.stop)])
 
     def _backward(self, params: list[torch.Tensor], outs: Sequence[Any], cotangents: Mapping[int, Sequence],
                   leaves: Sequence[Any], channels: Sequence[Sequence[int]],
@@ -408,11 +374,31 @@ class StageRunner:
         return result.inputs
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensor leaves of a value (a tensor, or tuples, lists and dicts of them), in pytree order."""
+    return [v for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor)]
+
+
+def _flat(values: Sequence[Any]) -> tuple[list[torch.Tensor], list[slice]]:
+    """The tensor leaves of several values, flat, and the slice of each value's leaves."""
+    flat: list[torch.Tensor] = []
+    slices = []
+    for value in values:
+        tensors = _tensors(value)
+        slices.append(slice(len(flat), len(flat) + len(tensors)))
+        flat += tensors
+    return flat, slices
+
+
+def _per_leaf(channels: Sequence[tuple[int, ...]], slices: Sequence[slice]) -> list[tuple[int, ...]]:
+    return [chans for chans, sl in zip(channels, slices) for _ in range(sl.start, sl.stop)]
+
+
 def _leaf(value: Any, differentiable: bool) -> Any:
-    """A stage's own copy of an input: detached; requires grad where a gradient continues into it."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    return value.detach().requires_grad_(differentiable and value.requires_grad)
+    """A reader's own copy of a value: every tensor in it detached, requiring grad where a gradient
+    continues into it."""
+    return tree_map(lambda v: v.detach().requires_grad_(differentiable and v.requires_grad)
+                    if isinstance(v, torch.Tensor) else v, value)
 
 
 class AllReduceSink:

@@ -246,3 +246,69 @@ def test_bug9_non_leaf_input_read_by_two_stages():
     want_x, leaf.grad = leaf.grad.clone(), None
     _assert_same(_local(model, leaf * 2, y), want)
     assert torch.allclose(leaf.grad, want_x, rtol=1e-9)
+
+
+# --- bug 7: recompute and create_graph under autocast ---
+
+def test_bug7_recompute_of_an_overlap_stage_runs_under_the_forwards_autocast():
+    x, y = _data()
+    x = x.float()
+    torch.manual_seed(0)
+    net = DropNet()
+    grads, state = [], None
+    for recompute in (False, True):
+        model = fxrelay.transform(net, "relay", example_input=x, skip_first=1, checkpoint=recompute)
+        assert any(scope.overlap for scope in fxrelay.plan_of(model).scopes())
+        state = state or model.state_dict()
+        model.load_state_dict(state)  # reason: the same heads
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        grads.append(_grads(model))
+    _assert_same(grads[1], grads[0], rtol=1e-6)
+
+
+def test_bug7_create_graph_under_autocast_without_recompute():
+    x, y = _data()
+    x = x.float()
+    torch.manual_seed(0)
+    model = fxrelay.transform(DropNet().eval(), "relay", example_input=x, skip_first=1).train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    params = [p for p in model.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    first = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    penalty = sum((g.float() ** 2).sum() for g in first if g is not None)
+    penalty.backward()
+    assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+    plain = torch.autograd.grad(F.cross_entropy(model(x), y), params, allow_unused=True)
+    assert [g is None for g in first] == [g is None for g in plain]
+
+
+# --- bug 8: torch.compile of a recompute model ---
+
+def _compiled_grads(backend):
+    x, y = _data()
+    x = x.float()
+    torch.manual_seed(0)
+    model = fxrelay.transform(DropNet(), "greedy", example_input=x, checkpoint=True)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # reason: compiled code draws its own random numbers
+    want = _one_line(model, x, y)
+    got = _one_line(torch.compile(model, backend=backend), x, y)
+    got = {n.removeprefix("_orig_mod."): g for n, g in got.items()}
+    _assert_same(got, want, rtol=1e-5)
+
+
+def test_bug8_compile_aot_eager_of_a_recompute_model():
+    _compiled_grads("aot_eager")
+
+
+@pytest.mark.slow
+def test_bug8_compile_inductor_of_a_recompute_model():
+    _compiled_grads("inductor")

@@ -54,6 +54,7 @@ def detach(value: Any) -> Any:
     return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
 
 
+@torch.compiler.disable  # reason: dynamo cannot trace a checkpoint whose context_fn keeps buffers; run it eagerly
 def checkpointed(module: nn.Module, *inputs: Any) -> Any:
     """``module(*inputs)``, keeping only the inputs for backward, which recomputes the rest."""
     if not (torch.is_grad_enabled() and module.training):
@@ -270,18 +271,24 @@ def _outputs(stage: nn.Module, result: Any) -> tuple[Any, ...]:
 
 
 class _RngState:
-    """The CPU and accelerator random states at a stage's forward, to draw the same numbers again."""
+    """The random states and autocast settings at a stage's forward, to compute it again the same way
+    (the same masks, the same dtypes), as ``torch.utils.checkpoint`` does."""
 
     def __init__(self, tensors: Sequence[torch.Tensor]):
         self.cpu = torch.get_rng_state()
         self.devices = get_device_states(*tensors)
+        kinds = {"cpu", *(t.device.type for t in tensors)}
+        self.autocast = {kind: (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in kinds}
+        self.cache = torch.is_autocast_cache_enabled()
 
     @contextlib.contextmanager
     def restored(self, tensors: Sequence[torch.Tensor]) -> Iterator[None]:
         devices, states = self.devices
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), contextlib.ExitStack() as stack:
             torch.set_rng_state(self.cpu)
             set_device_states(devices, states)
+            for kind, (enabled, dtype) in self.autocast.items():
+                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=self.cache))
             yield
 
 

@@ -39,7 +39,7 @@ from ._compat import disabled_torch_function, functorch_active, make_wrapper_sub
     tree_unflatten
 
 __all__ = ["HeadOutputs", "head_outputs", "head_losses", "combine_heads", "OutputPath", "output_leaves",
-           "replace_leaf"]
+           "output_leaf", "replace_leaf"]
 
 OutputPath = tuple  # reason: keys from the model's output to the leaf that carries the heads: ("logits",), (0,), ()
 
@@ -244,6 +244,14 @@ def output_leaves(output: Any, path: OutputPath = ()) -> list[tuple[OutputPath, 
     else:
         return [(path, output)]
     return [leaf for key, value in items for leaf in output_leaves(value, (*path, key))]
+
+
+def output_leaf(output: Any, path: OutputPath) -> Any:
+    """The leaf of ``output`` at ``path``."""
+    for key in path:
+        plain = isinstance(output, (dict, list, tuple)) and not _is_namedtuple(output)
+        output = output[key] if plain else getattr(output, key)
+    return output
 
 
 def replace_leaf(output: Any, path: OutputPath, new: Callable[[Any], Any]) -> Any:

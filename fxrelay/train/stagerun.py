@@ -44,7 +44,7 @@ from torch import nn
 
 from ..core._compat import tree_flatten, tree_map
 from ..core.ir import Head
-from ..core.outputs import replace_leaf
+from ..core.outputs import output_leaf, replace_leaf
 from ..core.wiring import Wiring, plan_wiring, view_nodes
 from ..core.scopes import stage_backward
 from ..passes.rewrite import plan_of
@@ -93,6 +93,7 @@ class Tape:
     heads: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     input_grads: dict[str, tuple[int, list[torch.Tensor | None]]] = field(default_factory=dict)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)
     output: Any = None
 
 
@@ -103,10 +104,12 @@ class TapeResult:
     Attributes:
         losses: head index -> its (unweighted, detached) loss, for the heads run here.
         output: the main head's output (detached), where the main head ran here.
+        logits: head index -> its logits (detached; the main head's: the leaf at ``plan.output``).
     """
 
     losses: dict[int, torch.Tensor]
     output: Any
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Transport(Protocol):
@@ -144,21 +147,35 @@ class StageRunner:
         grad_sink: ``sink(params, grads)`` receives every parameter pass's gradients
             instead of ``.grad`` (data parallelism, :class:`AllReduceSink`).
         transport: required when ``stages`` is not every stage.
+        only: run the sequential schedule's step for stage ``only`` (``k``): the stages below
+            run without grad (in the model's mode: in train mode, as the one-line step runs
+            them, BatchNorm on batch statistics, updating its running statistics), then stage
+            ``k`` and its heads with grad; nothing above ``k`` runs. Stage ``k``'s gradients are
+            the one-line step's for it (other stages frozen); ``stages`` is ignored.
     """
 
     def __init__(self, model: nn.Module, criterion: Callable[[Any, Any], torch.Tensor], *,
                  stages: Sequence[int] | None = None, grad_scaler: Any = None,
                  grad_sink: Callable[[list[torch.Tensor], Sequence[torch.Tensor | None]], None] | None = None,
-                 transport: Transport | None = None):
+                 transport: Transport | None = None, only: int | None = None):
         self.model = model
-        self.wiring = wiring(model)
-        plan = self.wiring.plan
+        self.wiring = w = wiring(model)
+        plan = w.plan
+        if only is not None and not 0 <= only < len(plan.stages):
+            raise ValueError(f"only must be a stage in 0..{len(plan.stages) - 1}, got {only}")
+        self.only = only
         self.stages = tuple(sorted(range(len(plan.stages)) if stages is None else stages))
-        if transport is None and len(self.stages) != len(plan.stages):
+        if only is not None:
+            self.stages = tuple(range(only + 1))
+        elif transport is None and len(self.stages) != len(plan.stages):
             raise ValueError("a StageRunner over some of the stages needs a transport")
         self.criterion, self.grad_scaler, self.grad_sink, self.transport = criterion, grad_scaler, grad_sink, transport
         local = set(self.stages)
-        self.heads = tuple(h for h in plan.heads if h.stage in local)
+        self.heads = tuple(h for h in plan.heads if h.stage in local and (only is None or h.stage == only))
+        self._live, self._expected = self._live_reads()
+        self._channels = {s: () if only is not None and s < only else w.scopes[s].channels for s in self.stages}
+        self._in_channels = {s: tuple(tuple(c for c in chans if w.stage_reads[(s, i, c)] in self._live)
+                                      for i, chans in enumerate(w.scopes[s].input_channels)) for s in self.stages}
         self._aux_index = {h.index: k for k, h in enumerate(h for h in plan.heads if not h.is_main)}
         self._output_names, self._at_path = view_nodes(plan)
         uses: dict[str, int] = {}
@@ -169,12 +186,30 @@ class StageRunner:
             for name in self.wiring.head_values[h.index]:
                 uses[name] = uses.get(name, 0) + 1
         self._uses = uses
-        self.exported = {name for s in self.stages for name in plan.stages[s].outputs
-                         if any(r not in local for r in self.wiring.readers[name])}
-        self.remote_reads = tuple(k for k, r in enumerate(self.wiring.reads)
-                                  if self.wiring.producer[r.value] in local and r.stage not in local)
-        self._input_reads = {name: sum(1 for r in self.wiring.reads if r.value == name and r.stage in local)
+        self.exported = set() if only is not None else {
+            name for s in self.stages for name in plan.stages[s].outputs if any(r not in local for r in w.readers[name])}
+        self.remote_reads = tuple(k for k in self._live if w.producer[w.reads[k].value] in local
+                                  and w.reads[k].stage not in local)
+        self._input_reads = {name: sum(1 for k in self._live if w.reads[k].value == name and w.reads[k].stage in local)
                              for name in plan.input_names}
+
+    def _live_reads(self) -> tuple[set[int], dict[tuple[int, int], int]]:
+        """The reads that carry a gradient here, and per (stage, channel) how many cotangents it waits for.
+
+        With ``only=k``: the reads of stage ``k`` and its heads, of values stage ``k`` produced.
+        """
+        w = self.wiring
+        if self.only is None:
+            return set(range(len(w.reads))), w.expected
+        k = self.only
+        live = {i for (s, _, _), i in w.stage_reads.items() if s == k and w.producer[w.reads[i].value] == k}
+        live |= {i for (j, _), i in w.head_reads.items()
+                 if w.plan.heads[j].stage == k and w.producer[w.reads[i].value] in ((k, -1) if k == 0 else (k,))}
+        expected = {key: 0 for key in w.expected}
+        for i in live:
+            if w.producer[w.reads[i].value] >= 0:
+                expected[(w.producer[w.reads[i].value], w.reads[i].channel)] += 1
+        return live, expected
 
     def tape(self, inputs: tuple[Any, ...], target: Any, *, index: int = 0, loss_scale: float = 1.0) -> Tape:
         """A new micro-batch.
@@ -220,8 +255,9 @@ class StageRunner:
         plan, scopes = self.wiring.plan, self.wiring.scopes
         stage, scope = plan.stages[s], scopes[s]
         inputs = [_leaf(self._take(tape, name), bool(chans))
-                  for name, chans in zip(stage.inputs, scope.input_channels)]
-        with torch.set_grad_enabled(bool(scope.channels)):
+                  for name, chans in zip(stage.inputs, self._in_channels[s])]
+        channels = self._channels[s]
+        with torch.set_grad_enabled(bool(channels)):
             result = self.model.stages[s](*inputs)
         outs = (result,) if len(stage.outputs) == 1 else tuple(result)
         for name, value in zip(stage.outputs, outs):
@@ -229,14 +265,14 @@ class StageRunner:
                 tape.env[name] = value
             if name in self.exported:
                 self.transport.send_value(tape, name, value)
-        if scope.channels:
+        if channels:
             leaves, in_slices = _flat(inputs)
             flat_outs, out_slices = _flat(outs)
             tape.states[s] = _StageState(
-                leaves, in_slices, flat_outs, out_slices, {c: [None] * len(flat_outs) for c in scope.channels},
-                {c: self.wiring.expected[(s, c)] for c in scope.channels})
-        for c in scope.channels:
-            if s in tape.states and self.wiring.expected[(s, c)] == 0:
+                leaves, in_slices, flat_outs, out_slices, {c: [None] * len(flat_outs) for c in channels},
+                {c: self._expected[(s, c)] for c in channels})
+        for c in channels:
+            if s in tape.states and self._expected[(s, c)] == 0:
                 self._ready(tape, s, c)  # reason: no loss reaches the stage through this channel
 
     def _run_heads(self, tape: Tape, s: int) -> None:
@@ -244,7 +280,7 @@ class StageRunner:
         for h in self.heads:
             if h.stage == s and not h.is_main:
                 leaf = _leaf(self._take(tape, self.wiring.head_values[h.index][0]),
-                             (h.index, 0) in self.wiring.head_reads)
+                             self.wiring.head_reads.get((h.index, 0)) in self._live)
                 tape.heads[h.index] = (leaf, self.model.heads[self._aux_index[h.index]](leaf))
         for h in self.heads:
             if self.wiring.head_after[h.index] == s:
@@ -297,7 +333,7 @@ class StageRunner:
         """
         if tape.states:
             raise RuntimeError(f"stages {sorted(tape.states)} still wait for gradients from other processes")
-        return TapeResult(dict(tape.losses), tape.output)
+        return TapeResult(dict(tape.losses), tape.output, dict(tape.logits))
 
     def _take(self, tape: Tape, name: str) -> Any:
         if name not in tape.env:
@@ -319,6 +355,7 @@ class StageRunner:
         names = self.wiring.head_values[head.index]
         first = 0 if head.is_main else 1
         reads = [self.wiring.head_reads.get((head.index, pos)) for pos in range(len(names))]
+        reads = [r if r in self._live else None for r in reads]
         values = [_leaf(self._take(tape, name), r is not None) for name, r in zip(names[first:], reads[first:])]
         module_input, logits = tape.heads.pop(head.index, ((), None))
         view = self._view(head, values, logits)
@@ -327,8 +364,9 @@ class StageRunner:
             raise ValueError(f"criterion must return a scalar tensor, got {type(loss).__name__} "
                              f"of shape {tuple(getattr(loss, 'shape', ()))}")
         tape.losses[head.index] = loss.detach()
+        tape.logits[head.index] = _detached(logits if not head.is_main else output_leaf(view, self.wiring.plan.output))
         if head.is_main:
-            tape.output = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, view)
+            tape.output = _detached(view)
         weighted = loss * (head.weight * tape.loss_scale)
         if self.grad_scaler is not None:
             weighted = self.grad_scaler.scale(weighted)
@@ -343,17 +381,17 @@ class StageRunner:
                 self.deliver(tape, r, [grads.get((k, 0)) for k in range(sl.start, sl.stop)])
 
     def _ready(self, tape: Tape, s: int, c: int) -> None:
-        state, scope = tape.states[s], self.wiring.scopes[s]
+        state, scope, inputs = tape.states[s], self.wiring.scopes[s], self._in_channels[s]
         state.ready.add(c)
         if len(state.ready) == len(scope.channels):
             todo = set(scope.channels) - state.passed
-            channels = [tuple(x for x in chans if x in todo) for chans in scope.input_channels]
+            channels = [tuple(x for x in chans if x in todo) for chans in inputs]
             params = [p for p in self.model.stages[s].parameters() if p.requires_grad]
             grads = self._backward(params, state.outs, state.cotangents, state.leaves,
                                    _per_leaf(channels, state.in_slices), retain=False)
             del tape.states[s]  # reason: the stage's graph is freed; its activations with it
-        elif any(c in chans for chans in scope.input_channels):
-            channels = [tuple(x for x in chans if x == c) for chans in scope.input_channels]
+        elif any(c in chans for chans in inputs):
+            channels = [tuple(x for x in chans if x == c) for chans in inputs]
             grads = self._backward([], state.outs, {c: state.cotangents[c]}, state.leaves,
                                    _per_leaf(channels, state.in_slices), retain=True)
             state.passed.add(c)
@@ -388,6 +426,10 @@ def _flat(values: Sequence[Any]) -> tuple[list[torch.Tensor], list[slice]]:
         slices.append(slice(len(flat), len(flat) + len(tensors)))
         flat += tensors
     return flat, slices
+
+
+def _detached(value: Any) -> Any:
+    return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
 
 
 def _per_leaf(channels: Sequence[tuple[int, ...]], slices: Sequence[slice]) -> list[tuple[int, ...]]:

@@ -139,8 +139,8 @@ def loaders(args: argparse.Namespace, train: Dataset, val: Dataset) -> tuple[Dat
 def recipe(args: argparse.Namespace) -> Recipe:
     return Recipe(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
                   warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, label_smoothing=args.label_smoothing,
-                  amp=args.amp, ema_decay=args.ema_decay if args.ema else 0.0, sequential=args.local_step,
-                  cache_prefix=args.cache_prefix)
+                  amp=args.amp, ema_decay=args.ema_decay if args.ema else 0.0,
+                  execution="sequential" if args.local_step else "one-line", cache_prefix=args.cache_prefix)
 
 
 def report(epoch: int, history: History, epochs: int) -> None:

@@ -312,3 +312,59 @@ def test_bug8_compile_aot_eager_of_a_recompute_model():
 @pytest.mark.slow
 def test_bug8_compile_inductor_of_a_recompute_model():
     _compiled_grads("inductor")
+
+
+# --- every execution through the training loop ---
+
+def _resnet10t(dtype=torch.float32):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", num_classes=10).to(dtype)
+    return fxrelay.transform(net, "greedy", example_input=torch.randn(1, 3, 32, 32, dtype=dtype))
+
+
+def test_first_step_gradients_are_the_same_for_every_execution():
+    from fxrelay.train.executions import TrainingStep
+    from fxrelay.train.sequential import train_stage
+
+    model = _resnet10t(torch.float64)
+    x, y = _data(n=4, size=32)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    start = {n: v.clone() for n, v in model.state_dict().items()}
+    grads, buffers = {}, {}
+    for execution in ("one-line", "recompute", "local"):
+        model.load_state_dict(start)
+        model.zero_grad(set_to_none=True)
+        outcome = TrainingStep(model, criterion, execution)(x, y)
+        assert all(torch.isfinite(v) for v in outcome.losses)
+        grads[execution], buffers[execution] = _grads(model), {n: b.clone() for n, b in model.named_buffers()}
+    for execution in ("recompute", "local"):
+        _assert_same(grads[execution], grads["one-line"])
+        _assert_same(buffers[execution], buffers["one-line"], rtol=1e-12)
+    model.load_state_dict(start)
+    model.zero_grad(set_to_none=True)
+    with train_stage(model, 0):
+        TrainingStep(model, criterion, "sequential", stage=0)(x, y)
+    stage0 = _grads(model)
+    name = fxrelay.plan_of(model).stages[0].name
+    assert stage0 and all(n.startswith((f"stages.{name}.", f"heads.{name}.")) for n in stage0)
+    _assert_same(stage0, {n: g for n, g in grads["one-line"].items() if n in stage0})
+
+
+@pytest.mark.parametrize("execution", ["one-line", "recompute", "local", "sequential"])
+def test_fit_trains_resnet10t_with_every_execution(execution):
+    from torch.utils.data import DataLoader
+
+    from fxrelay.train.loop import Recipe, fit
+
+    model = _resnet10t()
+    stages = len(fxrelay.plan_of(model).stages)
+    data = fxrelay.Shapes(16, 32, 10, seed=0)
+    loader = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    epochs = stages if execution == "sequential" else 1
+    history = fit(model, loader, DataLoader(data, batch_size=8), epochs,
+                  recipe=Recipe(execution=execution, lr=0.01, ema_decay=0.9), progress=False)
+    main = [losses[-1] for losses in history.head_loss]
+    assert len(history.head_loss) == epochs and math.isfinite(main[-1])
+    if execution != "sequential":
+        assert all(math.isfinite(v) for v in history.head_loss[0])

@@ -6,7 +6,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import fxrelay
+from fxrelay.core.modules import training_mode
 from fxrelay.train.sequential import StageStep, greedy_schedule, prefix_cache, train_stage
+from fxrelay.train.executions import TrainingStep
 from fxrelay.train.loop import Recipe, Trainer
 
 
@@ -65,7 +67,7 @@ def test_only_stages_up_to_k_and_head_k_run(cache):
     model, loader = _model(), _loader()
     stages = len(fxrelay.plan_of(model).stages)
     assert stages == 4
-    trainer = Trainer(model, loader, 2 * stages, Recipe(sequential=True, cache_prefix=cache))
+    trainer = Trainer(model, loader, 2 * stages, Recipe(execution="sequential", cache_prefix=cache))
     counts = _count_forwards(model)
     batches = len(loader)
     fill_batches = len(loader.dataset) // loader.batch_size  # reason: the fill reads the dataset once, in order
@@ -102,27 +104,67 @@ def test_stage_step_gradients_equal_the_one_line_model():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_train_stage_restores_flags_and_freezes_prefix_bn():
+def test_train_stage_restores_flags_and_runs_the_prefix_in_train_mode():
     model = _model()
     model.train()
     frozen = next(p for p in model.parameters())
     frozen.requires_grad_(False)  # reason: a parameter the user froze stays frozen
     with train_stage(model, 2) as step:
-        assert not model.stages[0].training and not model.stages[1].training
+        assert model.stages[0].training and model.stages[1].training  # reason: as the one-line greedy step
         assert model.stages[2].training and step.head_module.training
         assert not any(p.requires_grad for p in model.stages[1].parameters())
-        stats = model.stages[0].state_dict()
-        stats = {k: v.clone() for k, v in stats.items()}
+        stats = {k: v.clone() for k, v in model.stages[0].state_dict().items()}
         step(torch.randn(4, 3, 16, 16))
-        assert all(torch.equal(v, model.stages[0].state_dict()[k]) for k, v in stats.items())
+        assert not all(torch.equal(v, model.stages[0].state_dict()[k]) for k, v in stats.items())
     assert all(m.training for m in model.modules())
     assert not frozen.requires_grad and all(p.requires_grad for p in model.parameters() if p is not frozen)
+
+
+def _buffers(model):
+    return {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("k", range(4))
+def test_sequential_step_equals_the_one_line_greedy_step_for_stage_k(k):
+    """Stage k's gradients and every BN buffer after one sequential step (a StageRunner run stopping after
+    stage k) equal those of the one-line greedy step with the other stages frozen."""
+    x, y = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.randint(0, 4, (6,))
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    model = _model(torch.float64)
+    start = {n: b.clone() for n, b in model.state_dict().items()}
+    results = []
+    for execution in ("one-line", "sequential"):
+        model.load_state_dict(start)
+        model.zero_grad(set_to_none=True)
+        with train_stage(model, k) as step:
+            trained = [p for m in step.trained_modules() for p in m.parameters()]
+            TrainingStep(model, criterion, execution, stage=k if execution == "sequential" else None)(x, y)
+            grads = [p.grad.clone() for p in trained]
+            assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        buffers = _buffers(model)
+        # reason: stages above k do not run in the sequential step; the one-line step runs them
+        buffers = {n: b for n, b in buffers.items() if not any(n.startswith(f"stages.{s.name}.")
+                   for s in fxrelay.plan_of(model).stages[k + 1:]) and not n.startswith("heads.")
+                   or n.startswith(f"heads.{fxrelay.plan_of(model).stages[k].name}.")}
+        results.append((grads, buffers))
+    (want, want_buffers), (got, got_buffers) = results
+    assert len(want) > 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert got_buffers.keys() == want_buffers.keys()
+    for name in want_buffers:
+        torch.testing.assert_close(got_buffers[name], want_buffers[name], rtol=1e-12, atol=0, msg=name)
+
+
+def test_recipe_sequential_is_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="execution='sequential'"):
+        assert Recipe(sequential=True).execution == "sequential"
 
 
 def test_sequential_keeps_the_state_of_stages_not_training():
     """One optimizer: stage 0's momentum survives (untouched) while stage 1 trains."""
     model = _model()
-    trainer = Trainer(model, _loader(), 4, Recipe(sequential=True))
+    trainer = Trainer(model, _loader(), 4, Recipe(execution="sequential"))
     optimizer = trainer.optimizer
     stage0 = list(model.stages[0].parameters()) + list(model.heads[0].parameters())
     stage1 = list(model.stages[1].parameters())
@@ -144,7 +186,8 @@ def test_prefix_cache_serves_what_the_loader_would():
         cached = prefix_cache(step, loader)
         assert torch.equal(torch.get_rng_state(), rng)
         loader.generator.set_state(state)
-        expected = [(step.prefix(x), y) for x, y in loader]
+        with training_mode(model, False):  # reason: the cache's one approximation: the prefix in eval mode
+            expected = [(step.prefix(x), y) for x, y in loader]
         loader.generator.set_state(state)
         served = list(cached)
     assert len(served) == len(expected) == len(loader)
@@ -177,4 +220,4 @@ def test_sequential_needs_a_greedy_model_with_every_head():
     with pytest.raises(ValueError, match=r"stages \[0, 2\] have none"):
         StageStep(fxrelay.transform(base, "greedy", head_stages=[1], example_input=x), 0)
     with pytest.raises(ValueError, match="positive multiple of 4"):
-        Trainer(fxrelay.transform(base, "greedy", example_input=x), _loader(), 3, Recipe(sequential=True))
+        Trainer(fxrelay.transform(base, "greedy", example_input=x), _loader(), 3, Recipe(execution="sequential"))

@@ -95,7 +95,7 @@ def test_lr_is_per_update_warmup_then_cosine():
 
 def test_sequential_lr_restarts_with_every_stage():
     loader, _ = _data()  # reason: 4 stages of 1 epoch: 3 updates per cosine cycle
-    trainer = Trainer(_model("greedy"), loader, 4, Recipe(lr=0.1, warmup_epochs=1 / 3, sequential=True))
+    trainer = Trainer(_model("greedy"), loader, 4, Recipe(lr=0.1, warmup_epochs=1 / 3, execution="sequential"))
     lrs = _lr_trace(trainer, 4)
     cycle = [0.05 * (1 + math.cos(math.pi * t / 3)) for t in range(3)]
     assert lrs == pytest.approx([0.01] + cycle[1:] + cycle * 3, rel=1e-12)
@@ -110,7 +110,7 @@ def _equal_states(a, b):
 RUNS = {
     "relay, EMA, AMP, shuffled": (lambda: _model("relay", head_stages=[1, 2]), Recipe(ema_decay=0.9, amp=True), False),
     "deep, AdamW, class-aware sampler": (lambda: _model("deep"), Recipe(opt="adamw", lr=1e-3), True),
-    "sequential greedy, prefix cache": (lambda: _model("greedy"), Recipe(sequential=True, cache_prefix=True), False),
+    "sequential greedy, prefix cache": (lambda: _model("greedy"), Recipe(execution="sequential", cache_prefix=True), False),
 }
 
 

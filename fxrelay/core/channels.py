@@ -36,9 +36,7 @@ from .ir import MAIN, Head, Stage
 
 __all__ = ["StageScope", "gradient_channels", "producing_stages", "stopping_losses", "backward_flops",
            "stage_backward_flops", "sequential_peaks",
-           "memory_peaks", "EXECUTIONS"]
-
-EXECUTIONS = ("one-line", "checkpointed", "local-step", "sequential")
+           "memory_peaks"]
 
 
 @dataclass(frozen=True)

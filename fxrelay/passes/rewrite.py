@@ -67,7 +67,8 @@ from .partition import partition
 from .split import split_stages
 from .tracing import ExampleInput, check_module, default_example_input, tracing_config
 
-__all__ = ["MODES", "transform", "plan_of", "is_transformed", "original_state_dict", "head_parameters"]
+__all__ = ["MODES", "transform", "plan_of", "is_transformed", "original_state_dict", "head_parameters",
+           "recompute_view"]
 
 _STATE = "fxrelay_state"
 
@@ -257,6 +258,22 @@ def _build(model: nn.Module, plan: Plan, head_modules: list[nn.Module]) -> Stage
     gm.meta[USER_PRESERVED_ATTRIBUTES_KEY] = {_STATE: state}
     watch_heads(gm)
     return gm
+
+
+def recompute_view(model: nn.Module) -> nn.Module:
+    """The same model (the same stage and head modules, so the same parameters and buffers) running
+    with stage recompute, as ``transform(..., checkpoint=True)`` would have made it; ``model``
+    itself when it already recomputes."""
+    state = _state_of(model)
+    if state.plan.checkpoint:
+        return model
+    plan = dataclasses.replace(state.plan, checkpoint=True)
+    view = StagedModule(model, staged_graph(plan), f"{type(model).__name__}_recompute")
+    view.train(model.training)
+    view_state = _State(plan, state.original_keys)
+    setattr(view, _STATE, view_state)
+    view.meta[USER_PRESERVED_ATTRIBUTES_KEY] = {_STATE: view_state}
+    return view
 
 
 def is_transformed(model: nn.Module) -> bool:

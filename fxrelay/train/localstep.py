@@ -47,10 +47,12 @@ class LocalStepResult:
         losses: per head (aligned with ``plan.heads``, main head last), its unweighted
             loss, detached.
         logits: the main head's output, detached.
+        head_logits: per head (aligned with ``losses``), its logits, detached.
     """
 
     losses: tuple[torch.Tensor, ...]
     logits: Any
+    head_logits: tuple[torch.Tensor, ...] = ()
 
     @property
     def loss(self) -> float:
@@ -115,4 +117,5 @@ class LocalStep:
         result = self._runner.finish(tape)
         if self._sink is not None:
             self._sink.finish()
-        return LocalStepResult(tuple(result.losses[h.index] for h in self.plan.heads), result.output)
+        return LocalStepResult(tuple(result.losses[h.index] for h in self.plan.heads), result.output,
+                               tuple(result.logits[h.index] for h in self.plan.heads))

@@ -8,7 +8,9 @@ label smoothing, optional bfloat16 autocast (``amp``) and an optional EMA of the
 weights (timm's ``ModelEmaV3``). The loss code is the user's usual one; the only
 fxrelay-specific lines read the per-head values for logging.
 
-With ``Recipe(sequential=True)`` a greedy transform trains stage by stage
+``Recipe(execution=...)`` picks how each step runs (:mod:`fxrelay.train.executions`: one-line,
+recompute, local, sequential), all with the same loss. With ``Recipe(execution="sequential")`` a
+greedy transform trains stage by stage
 (:mod:`fxrelay.train.sequential`): each stage gets the same number of epochs and its own
 cosine cycle (timm's ``cycle_limit``), and only stages ``0..k`` and head ``k`` run.
 The stages not training keep their optimizer state (their gradients are ``None``).
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import dataclasses
 import math
 import os
@@ -61,6 +64,7 @@ from ..core.modules import training_mode
 from ..core.outputs import head_losses, head_outputs
 from ..core.plan import Plan
 from ..passes.rewrite import is_transformed, plan_of
+from .executions import StepOutcome, TrainingStep, check_execution
 from .sequential import StageStep, check_sequential, greedy_schedule, prefix_cache, train_stage
 
 __all__ = ["Recipe", "History", "Trainer", "fit", "evaluate", "evaluate_heads", "save_checkpoint",
@@ -90,7 +94,10 @@ class Recipe:
             has float32's range, so no gradient scaling is needed).
         ema_decay: 0 for no EMA; else the decay of timm's ``ModelEmaV3`` (with its
             decay warm-up, so short runs average too).
-        sequential: train one stage at a time (greedy transforms, :mod:`fxrelay.train.sequential`).
+        execution: how each step runs: ``"one-line"``, ``"recompute"``, ``"local"`` or
+            ``"sequential"`` (one stage at a time, greedy transforms,
+            :mod:`fxrelay.train.sequential`); see :mod:`fxrelay.train.executions`.
+        sequential: deprecated alias of ``execution="sequential"``.
         cache_prefix: sequential only: compute the frozen prefix's outputs once per
             stage (deterministic data only; memory: the dataset times one stage input).
     """
@@ -105,6 +112,7 @@ class Recipe:
     label_smoothing: float = 0.1
     amp: bool = False
     ema_decay: float = 0.0
+    execution: str = "one-line"
     sequential: bool = False
     cache_prefix: bool = False
 
@@ -116,8 +124,15 @@ class Recipe:
                              f"and {self.warmup_start}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
-        if self.cache_prefix and not self.sequential:
-            raise ValueError("cache_prefix caches the frozen stages of the sequential schedule: set sequential=True")
+        if self.sequential:
+            warnings.warn("Recipe(sequential=True) is deprecated; use Recipe(execution='sequential')",
+                          DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "execution", "sequential")
+            object.__setattr__(self, "sequential", False)  # reason: one field says how steps run
+        check_execution(self.execution)
+        if self.cache_prefix and self.execution != "sequential":
+            raise ValueError("cache_prefix caches the frozen stages of the sequential schedule: set "
+                             "execution='sequential'")
 
 
 @dataclass
@@ -253,9 +268,11 @@ class Trainer:
         self.epoch = 0
         self.updates = 0
         self._cache: tuple[int, DataLoader] | None = None
+        self._step: TrainingStep | None = None
 
     def _stage_schedule(self) -> list[int] | None:
-        if not self.recipe.sequential:
+        check_execution(self.recipe.execution, self.model)
+        if self.recipe.execution != "sequential":
             return None
         if self.plan is None:
             raise ValueError("the sequential schedule trains the stages of a model made by fxrelay.transform")
@@ -294,15 +311,30 @@ class Trainer:
         desc = self.describe()
         self.model.train()
         if self.schedule is None:
-            figures = self._run(self.loader, self.model, None, desc, progress)
-        elif self.recipe.cache_prefix and self.schedule[self.epoch] > 0:
-            with train_stage(self.model, self.schedule[self.epoch]) as step:
-                figures = self._run(self._cached(step), lambda values: step.from_prefix(*values), step, desc, progress)
+            if self._step is None:
+                self._step = TrainingStep(self.model, self.criterion, self.recipe.execution, autocast=self._autocast)
+            figures = self._run(self.loader, self._step, desc, progress)
         else:
-            with train_stage(self.model, self.schedule[self.epoch]) as step:
-                figures = self._run(self.loader, step, step, desc, progress)
+            k = self.schedule[self.epoch]
+            with train_stage(self.model, k) as step:
+                if self.recipe.cache_prefix and k > 0:
+                    figures = self._run(self._cached(step), functools.partial(self._from_prefix, step), desc, progress)
+                else:
+                    figures = self._run(self.loader, TrainingStep(self.model, self.criterion, "sequential", stage=k,
+                                                                  autocast=self._autocast), desc, progress)
         self.epoch += 1
         return figures
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.recipe.amp)
+
+    def _from_prefix(self, step: StageStep, values: tuple[torch.Tensor, ...], y: torch.Tensor) -> StepOutcome:
+        """The sequential step on cached prefix values."""
+        with self._autocast():
+            out = step.from_prefix(*values)
+            loss = self.criterion(out, y)
+        (loss if step.weight == 1 else step.weight * loss).backward()
+        return StepOutcome([step.head], [loss.detach()], [out.detach()])
 
     def _cached(self, step: StageStep) -> DataLoader:
         if self._cache is None or self._cache[0] != step.stage:
@@ -310,37 +342,36 @@ class Trainer:
             self._cache = (step.stage, prefix_cache(step, self.loader, self.device))
         return self._cache[1]
 
-    def _run(self, batches: Iterable, forward: Callable, step: StageStep | None, desc: str,
+    def _run(self, batches: Iterable, step: Callable[[Any, Any], StepOutcome], desc: str,
              progress: bool) -> tuple[list[float], list[float], float]:
         num_heads = len(self.history.head_stages)
-        rows = [step.head] if step is not None else list(range(num_heads))
-        loss_sum = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
-        hits = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
+        loss_sum = torch.zeros(num_heads, dtype=torch.float64, device=self.device)
+        hits = torch.zeros(num_heads, dtype=torch.float64, device=self.device)
+        ran: set[int] = set()
         seen = 0
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.recipe.amp)
         bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
         for x, y in bar:
             x = tuple(v.to(self.device) for v in x) if isinstance(x, tuple) else x.to(self.device)
             y = torch.as_tensor(y).to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
             lr = self.optimizer.param_groups[0]["lr"]
-            with amp:
-                out = forward(x)
-                loss = self.criterion(out, y)
-            (loss if step is None or step.weight == 1 else step.weight * loss).backward()
+            outcome = step(x, y)
             self.optimizer.step()
             self.updates += 1
             self.scheduler.step_update(self.updates)
             if self.ema is not None:
                 self.ema.update(self.model, step=self.updates)
-            loss_sum += torch.stack([v.detach().double() for v in head_outputs(loss)]) * len(y)
-            hits += torch.stack([(o.argmax(dim=1) == y).sum().double() for o in head_outputs(out)])
+            rows = torch.tensor(outcome.heads, device=self.device)
+            loss_sum[rows] += torch.stack([v.double() for v in outcome.losses]) * len(y)
+            hits[rows] += torch.stack([(o.argmax(dim=1) == y).sum().double() for o in outcome.logits])
+            ran.update(outcome.heads)
             seen += len(y)
             if progress:
-                bar.set_postfix(loss=f"{float(head_losses(loss)[-1]):.3f}")
+                bar.set_postfix(loss=f"{float(outcome.losses[-1]):.3f}")
         losses, accs = [math.nan] * num_heads, [math.nan] * num_heads
-        for row, total, correct in zip(rows, (loss_sum / seen).tolist(), (hits / seen).tolist()):
-            losses[row], accs[row] = total, correct
+        for row, (total, correct) in enumerate(zip((loss_sum / seen).tolist(), (hits / seen).tolist())):
+            if row in ran:
+                losses[row], accs[row] = total, correct
         return losses, accs, lr
 
     def fit(self, val_loader: Iterable, *, progress: bool = True, checkpoint: str | Path | None = None,

@@ -5,11 +5,16 @@ own head. The *sequential* schedule trains stage 0 with its head, then freezes i
 trains stage 1, and so on. :func:`greedy_schedule` says which stage trains in each epoch.
 
 Training stage ``k`` runs only what its loss needs: stages ``0..k`` and head ``k``. The
-frozen prefix (stages ``0..k-1``) runs under ``no_grad`` with BatchNorm in eval mode,
-and no later stage or other head runs at all. :func:`train_stage` freezes everything
-but stage ``k`` and its head and yields the :class:`StageStep` that computes head
-``k``'s logits; :func:`prefix_cache` runs the frozen prefix once over a deterministic
-dataset and serves its outputs, so the prefix is not recomputed every epoch.
+frozen prefix (stages ``0..k-1``) runs under ``no_grad`` in train mode, as the one-line
+greedy step runs it (BatchNorm normalizes with batch statistics and updates its running
+statistics), and no later stage or other head runs at all. The Trainer's sequential
+execution is a :class:`~fxrelay.train.stagerun.StageRunner` run that stops after stage ``k``
+(``only=k``). :func:`train_stage` freezes the parameters of everything but stage ``k`` and
+its head and yields the :class:`StageStep` that computes head ``k``'s logits;
+:func:`prefix_cache` runs the frozen prefix once over a deterministic dataset and serves
+its outputs, so the prefix is not recomputed every epoch. The cache is the one
+approximation, and opt-in: it computes the prefix once, in eval mode (BatchNorm on its
+running statistics, which then stay as they were).
 
 The loss of head ``k`` is scaled by the head's weight, as in the transformed model's
 own ``loss.backward()`` (``grad(p) = sum_j w_j dL_j/dp``): stage ``k``'s gradients are
@@ -139,8 +144,8 @@ def train_stage(model: nn.Module, stage: int) -> Iterator[StageStep]:
     """Train only stage ``stage`` of a greedy transform and its head; yield the :class:`StageStep`.
 
     Inside, only the parameters of the stage and its head require grad (parameters the
-    user froze stay frozen), the stage and its head are in train mode and every other
-    module in eval mode. An optimizer built over all parameters keeps the state of the
+    user froze stay frozen); module modes stay as they are (call ``model.train()``: the
+    prefix then runs as in the one-line greedy step). An optimizer built over all parameters keeps the state of the
     frozen ones untouched (their gradients are ``None``). Restores every flag on exit.
 
     Example:
@@ -152,16 +157,13 @@ def train_stage(model: nn.Module, stage: int) -> Iterator[StageStep]:
     flags = {p: p.requires_grad for p in model.parameters()}
     trained = step.trained_modules()
     trainable = {id(p) for m in trained for p in m.parameters()}
-    with training_mode(model, False):
-        try:
-            for p, flag in flags.items():
-                p.requires_grad_(flag and id(p) in trainable)
-            for m in trained:
-                m.train()
-            yield step
-        finally:
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
+    try:
+        for p, flag in flags.items():
+            p.requires_grad_(flag and id(p) in trainable)
+        yield step
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 class _Cached(Dataset):
@@ -188,8 +190,9 @@ def _whole_batch(batch: Any) -> Any:
 def prefix_cache(step: StageStep, loader: DataLoader, device: str | torch.device = "cpu") -> DataLoader:
     """A loader of ``(prefix values, labels)`` in the order ``loader`` would give its batches.
 
-    Runs ``step.prefix`` once over ``loader.dataset`` (in order, in eval mode under
-    ``no_grad``, as :func:`train_stage` sets) and keeps the outputs on ``device``: memory
+    Runs ``step.prefix`` once over ``loader.dataset`` (in order, under ``no_grad``, the
+    prefix stages in eval mode: the one approximation of the sequential schedule, opt-in)
+    and keeps the outputs on ``device``: memory
     is the dataset's size times what stage ``k`` reads per sample. The returned loader
     shares ``loader``'s batch sampler and generator, so it draws the same random numbers
     and yields the same samples in the same batches as ``loader`` would, as
@@ -213,10 +216,13 @@ def prefix_cache(step: StageStep, loader: DataLoader, device: str | torch.device
                       collate_fn=loader.collate_fn, generator=torch.Generator())
     values: list[list[torch.Tensor]] = [[] for _ in step.inputs]
     labels = []
-    for x, y in fill:
-        for column, v in zip(values, step.prefix(x.to(device))):
-            column.append(v)
-        labels.append(torch.as_tensor(y).to(device))
+    with contextlib.ExitStack() as stack:
+        for m in step.stage_modules[:step.stage]:
+            stack.enter_context(training_mode(m, False))
+        for x, y in fill:
+            for column, v in zip(values, step.prefix(x.to(device))):
+                column.append(v)
+            labels.append(torch.as_tensor(y).to(device))
     cached = _Cached([torch.cat(column) for column in values], torch.cat(labels))
     return DataLoader(cached, batch_sampler=loader.batch_sampler, generator=loader.generator,
                       collate_fn=_whole_batch)

@@ -1,4 +1,4 @@
-"""Stage checkpointing (``transform(checkpoint=True)``): the same gradients, far less memory.
+"""Stage checkpointing (``transform(recompute=True)``): the same gradients, far less memory.
 
 Gradients equal the same mode without checkpointing (and so the oracle); BatchNorm's
 running statistics are updated once; dropout and drop-path draw the same masks in the
@@ -23,7 +23,7 @@ def _pair(build, mode, **kwargs):
     models = []
     for checkpoint in (False, True):
         torch.manual_seed(0)
-        models.append(fxrelay.transform(build().double(), mode, example_input=X, checkpoint=checkpoint, **kwargs))
+        models.append(fxrelay.transform(build().double(), mode, example_input=X, recompute=checkpoint, **kwargs))
     return models
 
 
@@ -32,7 +32,7 @@ def _pair(build, mode, **kwargs):
                                           ("deep", {}), ("standard", {})])
 def test_checkpointed_gradients_equal_the_plain_ones_and_the_oracle(mode, kwargs):
     plain, checkpointed = _pair(lambda: timm.create_model("resnet18", num_classes=10), mode, **kwargs)
-    assert fxrelay.plan_of(checkpointed).checkpoint and "fxrelay_checkpointed" in checkpointed.code
+    assert fxrelay.plan_of(checkpointed).recompute and "fxrelay_checkpointed" in checkpointed.code
     want = one_line_grads(plain, X, Y)
     assert_close(one_line_grads(checkpointed, X, Y), want)
     assert_close(oracle_grads(checkpointed, X, Y), want)
@@ -74,7 +74,7 @@ def test_peak_memory_is_the_boundaries_plus_one_stage(mode):
     for checkpoint in (False, True):
         torch.manual_seed(0)
         model = fxrelay.transform(timm.create_model("resnet18", num_classes=10), mode, example_input=x[:1],
-                                  checkpoint=checkpoint)
+                                  recompute=checkpoint)
         F.cross_entropy(model(x), y).backward()  # reason: gradients allocated before measuring
         with AllocatedBytes() as allocated, SavedBytes(model.parameters()) as saved:
             F.cross_entropy(model(x), y).backward()

@@ -215,7 +215,7 @@ def test_bug6_same_seed_same_dropout_masks_same_gradients(mode):
     want = _one_line(model, x, y, seed=3)
     _assert_same(_local(model, x, y, seed=3), want)
     recompute = fxrelay.transform(net, mode, example_input=x, head_kind=_dropout_head, skip_first=1,
-                                  checkpoint=True)
+                                  recompute=True)
     recompute.load_state_dict(model.state_dict())
     _assert_same(_one_line(recompute, x, y, seed=3), {n: g for n, g in want.items()})
 
@@ -257,7 +257,7 @@ def test_bug7_recompute_of_an_overlap_stage_runs_under_the_forwards_autocast():
     net = DropNet()
     grads, state = [], None
     for recompute in (False, True):
-        model = fxrelay.transform(net, "relay", example_input=x, skip_first=1, checkpoint=recompute)
+        model = fxrelay.transform(net, "relay", example_input=x, skip_first=1, recompute=recompute)
         assert any(scope.overlap for scope in fxrelay.plan_of(model).scopes())
         state = state or model.state_dict()
         model.load_state_dict(state)  # reason: the same heads
@@ -295,7 +295,7 @@ def _compiled_grads(backend):
     x, y = _data()
     x = x.float()
     torch.manual_seed(0)
-    model = fxrelay.transform(DropNet(), "greedy", example_input=x, checkpoint=True)
+    model = fxrelay.transform(DropNet(), "greedy", example_input=x, recompute=True)
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0  # reason: compiled code draws its own random numbers
@@ -368,3 +368,14 @@ def test_fit_trains_resnet10t_with_every_execution(execution):
     assert len(history.head_loss) == epochs and math.isfinite(main[-1])
     if execution != "sequential":
         assert all(math.isfinite(v) for v in history.head_loss[0])
+
+
+def test_recompute_is_the_new_name_of_checkpoint_and_removed_aliases_say_their_names():
+    x, _ = _data()
+    with pytest.warns(DeprecationWarning, match="recompute="):
+        model = fxrelay.transform(DropNet().double(), "greedy", example_input=x, checkpoint=True)
+    assert fxrelay.plan_of(model).recompute
+    with pytest.raises(TypeError, match=r"head_stages="):
+        fxrelay.transform(DropNet().double(), "greedy", example_input=x, heads=[1])
+    with pytest.raises(TypeError, match=r"head_kind="):
+        fxrelay.transform(DropNet().double(), "greedy", example_input=x, head="linear")

@@ -49,7 +49,7 @@ def test_gradients_match_oracle(name, mode):
     x, y = _batch(size)
     x = x.double()  # reason: float64 makes the 1e-5 comparison sharp
     mode, kwargs = MODES[mode]
-    heads = {"heads": [1, 2]} if name == "skipnet" and mode == "relay" else {}  # reason: relay skips 2 stages
+    heads = {"head_stages": [1, 2]} if name == "skipnet" and mode == "relay" else {}  # reason: relay skips 2 stages
     model = fxrelay.transform(build().double(), mode, example_input=x, **kwargs, **heads)
     assert len(fxrelay.plan_of(model).heads) >= 2
     want = oracle_grads(model, x, y)

@@ -60,10 +60,10 @@ def _pipeline_worker(rank: int, init: str) -> None:
         assert (stats.logits is not None) == (rank == 1) and set(stats.losses) == \
             {h.index for h in parallel.plan.heads if h.stage in parallel.stages}
         # reason: window (1, 2) spans the boundary 1|2; stage 3 reads stage 1's output and an int across it
-        parallel, _ = _check(SkipNet, "relay", {"heads": [1, 2], "window": 2}, shards, stages_per_rank=[2, 2])
+        parallel, _ = _check(SkipNet, "relay", {"head_stages": [1, 2], "window": 2}, shards, stages_per_rank=[2, 2])
         assert [h.window for h in parallel.plan.heads] == [(0, 1), (1, 2), (2, 3)]
         # reason: windows (0, 1), (0, 2) and (1, 3) all span the boundary 0|1
-        parallel, _ = _check(SkipNet, "relay", {"heads": [1, 2], "window": 3}, shards, stages_per_rank=[1, 3])
+        parallel, _ = _check(SkipNet, "relay", {"head_stages": [1, 2], "window": 3}, shards, stages_per_rank=[1, 3])
         assert [h.window for h in parallel.plan.heads] == [(0, 1), (0, 2), (1, 3)]
         parallel = StageParallel(fxrelay.transform(SkipNet(), "greedy", example_input=shards[0][0][:1].float()),
                                  lambda params: torch.optim.SGD(params, lr=0.5), verbose=False)
@@ -90,7 +90,7 @@ def _grid_worker(rank: int, init: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=4)
     try:
         x, y = _batch(12)
-        parallel, _ = _check(SkipNet, "relay", {"heads": [1, 2], "window": 2},
+        parallel, _ = _check(SkipNet, "relay", {"head_stages": [1, 2], "window": 2},
                              list(zip(x.chunk(2), y.chunk(2))), replicas=2, stages_per_rank=[2, 2])
         assert (parallel.replica, parallel.rank_in_pipeline) == divmod(rank, 2)
     finally:

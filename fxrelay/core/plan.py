@@ -48,8 +48,8 @@ class Plan:
         leaves: submodules traced as single calls because their code is not traceable.
         tracing: the tracing configuration the graph was made with (deploy and render
             re-trace with it).
-        checkpoint: the transformed model keeps only stage boundaries for backward and
-            recomputes each stage and head there (``transform(checkpoint=True)``).
+        recompute: the transformed model keeps only stage boundaries for backward and
+            recomputes each stage and head there (``transform(recompute=True)``).
         output: the keys from the model's output to the leaf that carries the heads
             (``()``: the output is that tensor; ``("logits",)`` for a dict output).
     """
@@ -61,8 +61,14 @@ class Plan:
     boundaries: str = "pool"
     leaves: tuple[str, ...] = ()
     tracing: TracingConfig = TracingConfig()
-    checkpoint: bool = False
+    recompute: bool = False
     output: tuple = ()
+
+    @property
+    def checkpoint(self) -> bool:
+        """Deprecated alias of :attr:`recompute`."""
+        warnings.warn("Plan.checkpoint is deprecated; use Plan.recompute", DeprecationWarning, stacklevel=2)
+        return self.recompute
 
     @property
     def graph(self) -> fx.GraphModule:

@@ -9,7 +9,7 @@ module executes it:
   backward is :func:`stage_backward`: one parameter pass with the sum of the channels'
   cotangents and one input-only pass per channel that continues below the stage;
 * :func:`checkpointed`: a stage or head whose activations are not kept: the forward
-  keeps its inputs only, and the backward recomputes it (``transform(checkpoint=True)``).
+  keeps its inputs only, and the backward recomputes it (``transform(recompute=True)``).
   Dropout and drop-path draw the same masks again (the RNG state is restored), and
   buffers the recompute would update a second time (BatchNorm's running statistics)
   are restored after it.

@@ -73,9 +73,9 @@ def staged_graph(plan: Plan) -> fx.Graph:
     for stage, scope in zip(plan.stages, wiring.scopes):
         args = [values.for_channels(name, chans) for name, chans in zip(stage.inputs, scope.input_channels)]
         if scope.overlap:
-            _emit_overlap(graph, values, stage, scope, [a for group in args for a in group], plan.checkpoint)
+            _emit_overlap(graph, values, stage, scope, [a for group in args for a in group], plan.recompute)
         else:
-            call = _call(graph, f"stages.{stage.name}", tuple(group[0] for group in args), stage.name, plan.checkpoint)
+            call = _call(graph, f"stages.{stage.name}", tuple(group[0] for group in args), stage.name, plan.recompute)
             outs = [call] if len(stage.outputs) == 1 else [
                 graph.create_node("call_function", operator.getitem, (call, i), name=out)
                 for i, out in enumerate(stage.outputs)]
@@ -86,7 +86,7 @@ def staged_graph(plan: Plan) -> fx.Graph:
             if h.stage == stage.index:
                 features = values.read(stage.outputs[-1], wiring.head_channel(h.index, 0))
                 head_nodes[h.index] = _call(graph, f"heads.{stage.name}", (features,), f"aux_{stage.name}",
-                                            plan.checkpoint)
+                                            plan.recompute)
     main = plan.heads[-1].index if plan.heads else None
     positions = iter(range(len(wiring.head_values[main]) if plan.heads else 0))
     result = fx.node.map_arg(plan.output_node.args[0], lambda n: values.read(

@@ -94,11 +94,10 @@ def transform(
     example_input: ExampleInput | None = None,
     num_classes: int | None = None,
     output: Union[str, int, OutputPath, None] = None,
-    checkpoint: bool = False,
+    recompute: bool = False,
     optimizer: torch.optim.Optimizer | None = None,
     tracing: TracingConfig | None = None,
-    heads: Union[str, Sequence[int], None] = None,
-    head: Union[str, HeadFactory, None] = None,
+    **removed: Any,
 ) -> fx.GraphModule:
     """Rewrite ``model`` to train with Relay BP, greedy, deep or standard backprop.
 
@@ -122,13 +121,13 @@ def transform(
         output: for a model returning a dict, tuple, namedtuple or dataclass, which leaf
             is the classifier output that carries the heads: a key, an index, or a
             tuple of them (default: the only 2-D tensor leaf).
-        checkpoint: keep only the stage boundaries for backward and recompute each stage
-            and head there (stage checkpointing: gradients unchanged, one more forward,
+        recompute: keep only the stage boundaries for backward and recompute each stage
+            and head there (stage recompute: gradients unchanged, one more forward,
             far less memory; in greedy mode each stage's recompute and backward is local).
+            ``checkpoint=`` is its deprecated name.
         optimizer: an optimizer already built on ``model.parameters()``: the heads'
             parameters are added to it as a new parameter group.
         tracing: the tracing configuration (see :class:`fxrelay.TracingConfig`).
-        heads, head: deprecated names of ``head_stages`` and ``head_kind``.
 
     Returns:
         A GraphModule with submodules ``stages`` and ``heads`` (indexable:
@@ -144,8 +143,7 @@ def transform(
     if is_transformed(model):
         raise ValueError("model is already transformed by fxrelay.transform; transform the original model "
                          "(fxrelay.plan_of(model) shows the current plan)")
-    head_stages = _deprecated("heads", heads, "head_stages", head_stages, "auto")
-    head_kind = _deprecated("head", head, "head_kind", head_kind, "auto")
+    recompute = _renamed(removed, recompute)
     _check_arguments(mode, window, head_stages, head_kind, aux_weight, skip_first, num_classes)
     config = tracing_config(tracing)
     own = {}
@@ -159,7 +157,7 @@ def transform(
     if own:
         stage_of = {s.outputs[-1]: s.index for s in plan.stages}
         head_stages, head_kind = [stage_of[name] for name in own.values()], "model"
-    plan = dataclasses.replace(plan, mode=mode, checkpoint=bool(checkpoint), heads=assign_heads(
+    plan = dataclasses.replace(plan, mode=mode, recompute=bool(recompute), heads=assign_heads(
         len(plan.stages), mode, window=window, head_stages=head_stages, skip_first=skip_first,
         aux_weight=aux_weight, kind=kind_name(head_kind)))
     bodies = [model.get_submodule(name) for name in own] or _new_heads(model, plan, head_kind, num_classes)
@@ -176,13 +174,23 @@ def transform(
     return transformed
 
 
-def _deprecated(old: str, old_value: Any, new: str, new_value: Any, default: Any) -> Any:
-    if old_value is None:
-        return new_value
-    warnings.warn(f"transform({old}=...) is deprecated; use {new}=...", DeprecationWarning, stacklevel=3)
-    if new_value != default:
-        raise ValueError(f"pass either {old}= (deprecated) or {new}=, not both")
-    return old_value
+_REMOVED = {"heads": "head_stages", "head": "head_kind"}
+
+
+def _renamed(removed: dict[str, Any], recompute: bool) -> bool:
+    """``recompute`` from its deprecated name ``checkpoint=``; a one-line TypeError for removed names."""
+    for old, new in _REMOVED.items():
+        if old in removed:
+            raise TypeError(f"transform({old}=...) was removed; use {new}=...")
+    unknown = set(removed) - {"checkpoint"}
+    if unknown:
+        raise TypeError(f"transform() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+    if "checkpoint" not in removed:
+        return recompute
+    warnings.warn("transform(checkpoint=...) is deprecated; use recompute=...", DeprecationWarning, stacklevel=3)
+    if recompute:
+        raise ValueError("pass either checkpoint= (deprecated) or recompute=, not both")
+    return bool(removed["checkpoint"])
 
 
 def _check_arguments(mode: str, window: Any, head_stages: Any, kind: Any, aux_weight: Any, skip_first: Any,
@@ -262,12 +270,12 @@ def _build(model: nn.Module, plan: Plan, head_modules: list[nn.Module]) -> Stage
 
 def recompute_view(model: nn.Module) -> nn.Module:
     """The same model (the same stage and head modules, so the same parameters and buffers) running
-    with stage recompute, as ``transform(..., checkpoint=True)`` would have made it; ``model``
+    with stage recompute, as ``transform(..., recompute=True)`` would have made it; ``model``
     itself when it already recomputes."""
     state = _state_of(model)
-    if state.plan.checkpoint:
+    if state.plan.recompute:
         return model
-    plan = dataclasses.replace(state.plan, checkpoint=True)
+    plan = dataclasses.replace(state.plan, recompute=True)
     view = StagedModule(model, staged_graph(plan), f"{type(model).__name__}_recompute")
     view.train(model.training)
     view_state = _State(plan, state.original_keys)

@@ -15,14 +15,14 @@ gradient-scope calls (see docs/architecture.md for a whole one):
         layer2 = fxrelay_overlap(stages_layer2, (0, 2), ((0,),), layer1);  stages_layer2 = layer1 = None
         layer2_c0 = layer2[0]
         layer2_c2 = layer2[1];  layer2 = None
+        aux_layer2 = self.heads.layer2(layer2_c0);  layer2_c0 = None
         stages_layer3 = self.stages.layer3
         layer3 = fxrelay_overlap(stages_layer3, (2, 3), ((2,),), layer2_c2);  stages_layer3 = layer2_c2 = None
         layer3_c2 = layer3[0]
         layer3_c3 = layer3[1];  layer3 = None
-        layer4 = self.stages.layer4(layer3_c3);  layer3_c3 = None
-        aux_layer2 = self.heads.layer2(layer2_c0);  layer2_c0 = None
         aux_layer3 = self.heads.layer3(layer3_c2);  layer3_c2 = None
-        output = fxrelay_combine_heads(layer4, (aux_layer2, aux_layer3), (0.3, 0.3, 1.0), ());  ...
+        layer4 = self.stages.layer4(layer3_c3);  layer3_c3 = None
+        output = fxrelay_combine_heads(layer4, aux = (aux_layer2, aux_layer3), weights = (0.3, 0.3, 1.0));  ...
         return output
 
 Modes (``S`` stages, head ``j`` reads stage ``a_j`` with loss weight ``w_j``, and its

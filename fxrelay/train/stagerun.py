@@ -33,12 +33,10 @@ Example:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
@@ -48,6 +46,7 @@ from ..core.outputs import output_leaf, replace_leaf
 from ..core.wiring import Wiring, plan_wiring, view_nodes
 from ..core.scopes import stage_backward
 from ..passes.rewrite import plan_of
+from .allreduce import AllReduceSink
 
 __all__ = ["Wiring", "wiring", "Tape", "TapeResult", "Transport", "StageRunner", "AllReduceSink"]
 
@@ -441,47 +440,3 @@ def _leaf(value: Any, differentiable: bool) -> Any:
     continues into it."""
     return tree_map(lambda v: v.detach().requires_grad_(differentiable and v.requires_grad)
                     if isinstance(v, torch.Tensor) else v, value)
-
-
-class AllReduceSink:
-    """Data parallelism for a :class:`StageRunner`: each parameter pass's gradients are
-    all-reduced asynchronously right away (one bucket per pass and dtype); :meth:`finish`
-    waits, averages over the group and accumulates into ``.grad``.
-
-    Every process of the group must run the same model on its own shard of the batch:
-    the passes, and so the collectives, come in the same order everywhere.
-
-    Args:
-        group: the process group of the replicas (``None``: the default group).
-    """
-
-    def __init__(self, group: dist.ProcessGroup | None = None):
-        self.group = group
-        self._pending: list[tuple[list[torch.Tensor], torch.Tensor, Any]] = []
-
-    def __call__(self, params: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
-        by_dtype: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for p, g in zip(params, grads):
-            if g is not None:
-                by_dtype.setdefault(g.dtype, []).append((p, g))
-        for pairs in by_dtype.values():
-            flat = torch.cat([g.reshape(-1) for _, g in pairs])
-            work = dist.all_reduce(flat, group=self.group, async_op=True)
-            self._pending.append(([p for p, _ in pairs], flat, work))
-
-    def finish(self) -> float:
-        """Wait for every all-reduce, accumulate the averages into ``.grad``; returns seconds waited."""
-        size = dist.get_world_size(self.group)
-        waited = 0.0
-        for params, flat, work in self._pending:
-            start = time.perf_counter()
-            work.wait()
-            waited += time.perf_counter() - start
-            flat /= size
-            offset = 0
-            for p in params:
-                g = flat[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
-                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-        self._pending.clear()
-        return waited

@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core.modules import training_mode
-from ..core.outputs import head_losses, head_outputs
+from ..core.outputs import head_outputs
 from ..core.plan import Plan
 from ..passes.rewrite import is_transformed, plan_of
 from .executions import StepOutcome, TrainingStep, check_execution

@@ -14,6 +14,12 @@ module executes it:
   buffers the recompute would update a second time (BatchNorm's running statistics)
   are restored after it.
 
+The emitted code calls them through two small modules that name what they do:
+:class:`Overlap` (``self.overlaps.layer2(x)``, whose result has one attribute per
+channel: ``.c0``, ``.c2``) and :class:`Recomputed` (``self.recomputed.stages.layer4(x)``).
+Each refers to its stage or head without owning it: the parameters stay under
+``stages.<name>`` and ``heads.<name>`` alone (state-dict keys, ``model.stages[i]``).
+
 Values that are not tensors (sizes, ints, ``None``, nested tuples of them) cross any
 scope unchanged; tensors inside tuples, lists and dicts are scoped like bare ones.
 
@@ -36,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
+import collections
 import contextlib
 import functools
 
@@ -46,7 +53,7 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 
 from ._compat import tree_flatten, tree_map, tree_unflatten
 
-__all__ = ["detach", "overlap", "checkpointed", "stage_backward", "StageGrads"]
+__all__ = ["detach", "overlap", "checkpointed", "stage_backward", "StageGrads", "Overlap", "Recomputed"]
 
 
 def detach(value: Any) -> Any:
@@ -112,6 +119,59 @@ def overlap(stage: nn.Module, channels: tuple[int, ...], input_channels: tuple[t
     params = tuple(p for p in stage.parameters() if p.requires_grad)
     copies = _Overlap.apply(call, len(params), checkpoint, *call.tensor_inputs, *params)
     return call.assemble(copies)
+
+
+class Overlap(nn.Module):
+    """A stage that several gradient channels cover, called like a module: :func:`overlap` on it.
+
+    The stage is referred to, not owned (it stays ``stages.<name>``: no second state-dict
+    key, and ``model.stages[i]`` is still the plain stage).
+
+    Attributes:
+        channels: the channels covering the stage, ascending.
+        input_channels: per stage input, the channels whose gradient continues into it.
+        recompute: keep only the inputs for backward (``transform(recompute=True)``).
+
+    Returns (of a call): one attribute per channel, ``c<channel>``: the stage's output
+    (a tuple of them for a stage with several) as that channel's gradient sees it.
+    Arguments: per stage input, one value per channel in its ``input_channels`` entry,
+    or one (detached) value where that entry is empty.
+    """
+
+    def __init__(self, stage: nn.Module, channels: tuple[int, ...], input_channels: tuple[tuple[int, ...], ...],
+                 recompute: bool = False):
+        super().__init__()
+        self.__dict__["stage"] = stage  # reason: referred to, not a submodule: its keys stay stages.<name>
+        self.channels, self.input_channels, self.recompute = tuple(channels), tuple(input_channels), recompute
+
+    def forward(self, *inputs: Any) -> tuple[Any, ...]:
+        copies = overlap(self.stage, self.channels, self.input_channels, *inputs, checkpoint=self.recompute)
+        k = len(self.channels)
+        per_channel = [copies[c::k] for c in range(k)]
+        return _channel_tuple(self.channels)(*(v[0] if len(v) == 1 else tuple(v) for v in per_channel))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, input_channels={self.input_channels}, recompute={self.recompute}"
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_tuple(channels: tuple[int, ...]) -> type:
+    """The named tuple an :class:`Overlap` returns: fields ``c<channel>``."""
+    return collections.namedtuple("Channels", [f"c{c}" for c in channels])
+
+
+class Recomputed(nn.Module):
+    """A stage or head called through :func:`checkpointed`: its activations are recomputed in backward.
+
+    The module is referred to, not owned (its state-dict keys stay where they are).
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.__dict__["module"] = module  # reason: referred to, not a submodule
+
+    def forward(self, *inputs: Any) -> Any:
+        return checkpointed(self.module, *inputs)
 
 
 class StageGrads(NamedTuple):

@@ -1,12 +1,15 @@
 """The code of a transformed model: stage calls, gradient scopes, head calls, combined output.
 
-:func:`staged_graph` turns a Plan with heads into the ``torch.fx.Graph`` that
-:func:`fxrelay.transform` compiles: one call per stage (``self.stages.layer1(...)``),
-an :func:`~fxrelay.overlap` call for a stage that several gradient channels cover, a
-:func:`~fxrelay.detach` where no channel continues into a value, one call per aux head,
-and :func:`~fxrelay.combine_heads` at the end. Values carried per gradient channel are
-named after the value and the channel (``layer2_c0``). :class:`StagedModule` is the
-GraphModule class of the result.
+:func:`staged_module` builds what :func:`fxrelay.transform` returns from a Plan with
+heads and the stage and head modules; :func:`staged_graph` is its code: one call per
+stage (``self.stages.layer1(...)``), a call of its :class:`~fxrelay.core.scopes.Overlap`
+for a stage that several gradient channels cover (``self.overlaps.layer2(...)``, read per
+channel as ``.c0``, ``.c2``), a :func:`~fxrelay.detach` where no channel continues into a
+value, one call per aux head right after its stage, and :func:`~fxrelay.combine_heads`
+at the end. With stage recompute, the other stages and the heads are called through their
+:class:`~fxrelay.core.scopes.Recomputed` (``self.recomputed.stages.layer4(...)``). Values
+carried per gradient channel are named after the value and the channel (``layer2_c0``).
+:class:`StagedModule` is the GraphModule class of the result.
 """
 
 from __future__ import annotations
@@ -20,15 +23,16 @@ from torch import nn
 from ..core._compat import rebuild_graph_module
 from ..core.channels import StageScope
 from ..core.ir import Stage
+from ..core.modules import ModuleSeq
 from ..core.outputs import combine_heads
 from ..core.plan import Plan
-from ..core.scopes import checkpointed, detach, overlap
+from ..core.scopes import Overlap, Recomputed, detach
 from ..core.wiring import Wiring, plan_wiring, view_nodes
 from .tracing import GeneratedCodeTracer
 
-__all__ = ["StagedModule", "staged_graph"]
+__all__ = ["StagedModule", "staged_graph", "staged_module"]
 
-for _function in (checkpointed, combine_heads, detach, overlap):
+for _function in (combine_heads, detach):
     _function.__module__ = "fxrelay"  # reason: emitted code names them fxrelay_<name>; pickles import them from fxrelay
 
 
@@ -40,7 +44,7 @@ class StagedModule(fx.GraphModule):
     (and the state the forward never reads) through construction, deepcopy and pickle.
     """
 
-    _KEPT = ("stages", "heads", "unused_state")
+    _KEPT = ("stages", "heads", "unused_state", "overlaps", "recomputed")
 
     def __init__(self, root: nn.Module | dict, graph: fx.Graph, class_name: str = "GraphModule"):
         super().__init__(root, graph, class_name)
@@ -61,6 +65,29 @@ def _unpickle(body: dict, import_block: str) -> StagedModule:
     return rebuild_graph_module(body, import_block, StagedModule)
 
 
+def staged_module(plan: Plan, stages: ModuleSeq, heads: ModuleSeq, class_name: str,
+                  unused_state: nn.Module | None = None) -> StagedModule:
+    """The transformed model: ``stages`` and ``heads`` (the parameters, as given), the
+    :class:`~fxrelay.core.scopes.Overlap` of every overlap stage and, with ``plan.recompute``,
+    the :class:`~fxrelay.core.scopes.Recomputed` of every other stage and head, called by
+    :func:`staged_graph`'s code."""
+    root = nn.Module()
+    root.stages, root.heads = stages, heads
+    if unused_state is not None:
+        root.unused_state = unused_state
+    scopes = plan.scopes()
+    overlaps = {s.name: Overlap(stages[s.index], scope.channels, scope.input_channels, plan.recompute)
+                for s, scope in zip(plan.stages, scopes) if scope.overlap}
+    if overlaps:
+        root.overlaps = ModuleSeq(overlaps)
+    if plan.recompute:
+        root.recomputed = nn.Module()
+        root.recomputed.stages = ModuleSeq({s.name: Recomputed(stages[s.index])
+                                            for s, scope in zip(plan.stages, scopes) if not scope.overlap})
+        root.recomputed.heads = ModuleSeq({name: Recomputed(head) for name, head in zip(heads.names, heads)})
+    return StagedModule(root, staged_graph(plan), class_name)
+
+
 def staged_graph(plan: Plan) -> fx.Graph:
     """The training graph: each stage, the aux heads reading it right after it, and the combined output
     (every read in the gradient channel :mod:`fxrelay.core.wiring` gives it)."""
@@ -73,7 +100,7 @@ def staged_graph(plan: Plan) -> fx.Graph:
     for stage, scope in zip(plan.stages, wiring.scopes):
         args = [values.for_channels(name, chans) for name, chans in zip(stage.inputs, scope.input_channels)]
         if scope.overlap:
-            _emit_overlap(graph, values, stage, scope, [a for group in args for a in group], plan.recompute)
+            _emit_overlap(graph, values, stage, scope, [a for group in args for a in group])
         else:
             call = _call(graph, f"stages.{stage.name}", tuple(group[0] for group in args), stage.name, plan.recompute)
             outs = [call] if len(stage.outputs) == 1 else [
@@ -116,23 +143,24 @@ def _view(plan: Plan, wiring: Wiring, values: "_ChannelValues", head: int) -> ob
         n.name, wiring.head_channel(head, next(positions))))
 
 
-def _call(graph: fx.Graph, path: str, args: tuple, name: str, checkpoint: bool) -> fx.Node:
-    """A call of the submodule at ``path``, or of :func:`~fxrelay.checkpointed` on it."""
-    if not checkpoint:
-        return graph.create_node("call_module", path, args, name=name)
-    return graph.create_node("call_function", checkpointed, (graph.get_attr(path), *args), name=name)
+def _call(graph: fx.Graph, path: str, args: tuple, name: str, recompute: bool) -> fx.Node:
+    """A call of the submodule at ``path``, or of its :class:`~fxrelay.core.scopes.Recomputed`."""
+    return graph.create_node("call_module", f"recomputed.{path}" if recompute else path, args, name=name)
 
 
 def _emit_overlap(graph: fx.Graph, values: "_ChannelValues", stage: Stage, scope: StageScope,
-                  flat: list[fx.Node], checkpoint: bool) -> None:
-    module = graph.get_attr(f"stages.{stage.name}")
-    call = graph.create_node("call_function", overlap, (module, scope.channels, scope.input_channels, *flat),
-                             {"checkpoint": True} if checkpoint else {}, name=stage.name)
-    for o, name in enumerate(stage.outputs):
-        label = stage.name if o == len(stage.outputs) - 1 else name
-        for k, c in enumerate(scope.channels):
-            values.per_channel[(name, c)] = graph.create_node(
-                "call_function", operator.getitem, (call, o * len(scope.channels) + k), name=f"{label}_c{c}")
+                  flat: list[fx.Node]) -> None:
+    """``self.overlaps.<stage>(...)``, then each channel's copy by attribute (``layer2.c0``); a stage
+    with several outputs gets a tuple per channel, unpacked into the values by name."""
+    call = graph.create_node("call_module", f"overlaps.{stage.name}", tuple(flat), name=stage.name)
+    for c in scope.channels:
+        copy = graph.create_node("call_function", getattr, (call, f"c{c}"), name=f"{stage.name}_c{c}")
+        if len(stage.outputs) == 1:
+            values.per_channel[(stage.outputs[0], c)] = copy
+            continue
+        for o, name in enumerate(stage.outputs):
+            values.per_channel[(name, c)] = graph.create_node("call_function", operator.getitem, (copy, o),
+                                                              name=f"{name}_c{c}")
 
 
 class _ChannelValues:

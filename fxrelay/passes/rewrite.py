@@ -11,15 +11,13 @@ gradient-scope calls (see docs/architecture.md for a whole one):
     def forward(self, x):
         stem = self.stages.stem(x);  x = None
         layer1 = self.stages.layer1(stem);  stem = None
-        stages_layer2 = self.stages.layer2
-        layer2 = fxrelay_overlap(stages_layer2, (0, 2), ((0,),), layer1);  stages_layer2 = layer1 = None
-        layer2_c0 = layer2[0]
-        layer2_c2 = layer2[1];  layer2 = None
+        layer2 = self.overlaps.layer2(layer1);  layer1 = None
+        layer2_c0 = layer2.c0
+        layer2_c2 = layer2.c2;  layer2 = None
         aux_layer2 = self.heads.layer2(layer2_c0);  layer2_c0 = None
-        stages_layer3 = self.stages.layer3
-        layer3 = fxrelay_overlap(stages_layer3, (2, 3), ((2,),), layer2_c2);  stages_layer3 = layer2_c2 = None
-        layer3_c2 = layer3[0]
-        layer3_c3 = layer3[1];  layer3 = None
+        layer3 = self.overlaps.layer3(layer2_c2);  layer2_c2 = None
+        layer3_c2 = layer3.c2
+        layer3_c3 = layer3.c3;  layer3 = None
         aux_layer3 = self.heads.layer3(layer3_c2);  layer3_c2 = None
         layer4 = self.stages.layer4(layer3_c3);  layer3_c3 = None
         output = fxrelay_combine_heads(layer4, aux = (aux_layer2, aux_layer3), weights = (0.3, 0.3, 1.0));  ...
@@ -59,7 +57,7 @@ from ..core.modules import AuxHead, ModuleSeq, training_mode
 from ..core.outputs import OutputPath
 from ..core.plan import Plan
 from .analysis import saved_bytes_per_sample
-from .emit import StagedModule, staged_graph
+from .emit import StagedModule, staged_module
 from .guards import watch_heads
 from .heads import MODES, HeadFactory, assign_heads, check_mode, describe_head, head_flops, kind_name, make_head
 from .introspect import model_aux_heads, num_classes_of, output_path
@@ -254,12 +252,13 @@ def _build(model: nn.Module, plan: Plan, head_modules: list[nn.Module]) -> Stage
     root.heads = ModuleSeq({plan.stages[h.stage].name: m for h, m in zip(plan.aux_heads, head_modules)})
     keys = _original_keys(model, root)
     unused = {k: v for k, v in model.state_dict().items() if k not in keys}
+    unused_state = None
     if unused:  # reason: state the forward never reads still moves with .to(), saves and loads
-        root.unused_state = nn.Module()
+        unused_state = nn.Module()
         for i, (key, value) in enumerate(unused.items()):
-            root.unused_state.register_buffer(f"t{i}", value.detach())
+            unused_state.register_buffer(f"t{i}", value.detach())
             keys[key] = f"unused_state.t{i}"
-    gm = StagedModule(root, staged_graph(plan), f"{type(model).__name__}_{plan.mode}")
+    gm = staged_module(plan, root.stages, root.heads, f"{type(model).__name__}_{plan.mode}", unused_state)
     gm.train(model.training)
     state = _State(plan, keys)
     setattr(gm, _STATE, state)
@@ -276,7 +275,8 @@ def recompute_view(model: nn.Module) -> nn.Module:
     if state.plan.recompute:
         return model
     plan = dataclasses.replace(state.plan, recompute=True)
-    view = StagedModule(model, staged_graph(plan), f"{type(model).__name__}_recompute")
+    view = staged_module(plan, model.stages, model.heads, f"{type(model).__name__}_recompute",
+                         getattr(model, "unused_state", None))
     view.train(model.training)
     view_state = _State(plan, state.original_keys)
     setattr(view, _STATE, view_state)

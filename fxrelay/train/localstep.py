@@ -2,7 +2,7 @@
 
 The one-line step keeps the whole forward for one backward at the end, so local
 learning saves no memory with it. :class:`LocalStep` runs the same step stage by stage
-(:mod:`fxrelay.stagerun`) and frees every activation that no remaining window needs:
+(:mod:`fxrelay.train.stagerun`) and frees every activation that no remaining window needs:
 
 * ``greedy``: a stage's activations are freed right after its own head's loss was
   backpropagated; at most one stage (plus its head) is alive;

@@ -95,10 +95,23 @@ def register_autowrap(fn: _T) -> _T:
     ``register_notrace_function``). Use it for helpers with Python control flow on tensor values.
 
     As with torch.fx's ``autowrap_functions``, ``fn`` must be a module-level function of
-    the module whose code calls it (fx patches module globals, not closures).
+    the module whose code calls it (fx patches module globals, not closures). A private
+    name (``_helper``), which fx's autowrap skips, is registered with :func:`torch.fx.wrap`
+    instead: its calls are then single nodes in every torch.fx trace, not only fxrelay's.
+
+    Raises:
+        TypeError: ``fn`` is not callable, or is a private function that is not module-level.
     """
     if not callable(fn):
         raise TypeError(f"register_autowrap decorates functions, got {fn!r}")
+    name = getattr(fn, "__name__", "")
+    if name.startswith("_"):
+        if getattr(fn, "__qualname__", None) != name or not hasattr(fn, "__globals__"):
+            raise TypeError(f"register_autowrap({name}): torch.fx wraps a private function only when it is "
+                            "defined at module level; move it to the top level of its module")
+        # reason: fx's autowrap skips private names; fx.wrap patches any name but must be called from the
+        # module's top level, which exec in the module's globals is
+        exec("wrap(name)", fn.__globals__, {"wrap": fx.wrap, "name": name})  # noqa: S102
     _registered_functions.append(fn)
     return fn
 

@@ -107,3 +107,21 @@ def test_a_pt2_archive_needing_unsafe_unpickling_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"refusing to load .*tampered.pt2: its part '.*\.pt' does not load with "
                                          r"weights_only=True \(UnpicklingError\)"):
         fxrelay.load(tampered)
+
+
+def test_bug12_recipe_that_does_not_rebuild_the_model_is_refused(trained, tmp_path):
+    recipe, model = trained
+    wrong = ModelRecipe("resnet10t", "relay", model_kwargs={"num_classes": 5}, input_shape=(3, SIZE, SIZE))
+    with pytest.raises(ValueError, match=r"does not rebuild this model \(heads .*\(1, 3\).*the recipe's .*\(2, 3\)"):
+        fxrelay.save(model, tmp_path / "w.pt", recipe=wrong)
+    own = nn.Sequential(*[m for c in (3, 8, 8, 8) for m in (nn.Conv2d(c, 8, 3, 2, 1), nn.ReLU())],
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    checkpointed = fxrelay.transform(own, "relay", window=3, checkpoint=True, example_input=torch.randn(1, 3, 32, 32))
+    for recipe, difference in ((ModelRecipe("", "relay", transform_kwargs={"window": 3}), "recompute True"),
+                               (ModelRecipe("", "greedy", transform_kwargs={"checkpoint": True}), "mode 'relay'"),
+                               (ModelRecipe("", "relay", transform_kwargs={"checkpoint": True}), "heads")):
+        with pytest.raises(ValueError, match=difference):
+            fxrelay.save(checkpointed, tmp_path / "c.pt", recipe=recipe)
+    right = ModelRecipe("", "relay", transform_kwargs={"window": 3, "checkpoint": True}, input_shape=(3, 32, 32))
+    again = fxrelay.load(fxrelay.save(checkpointed, tmp_path / "c.pt", recipe=right), model=own)
+    assert heads_of(again) == heads_of(checkpointed) == [(0, 2), (1, 3)] and fxrelay.plan_of(again).checkpoint

@@ -48,7 +48,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..passes.rewrite import is_transformed, transform
+from ..core.plan import Plan
+from ..passes.rewrite import is_transformed, plan_of, transform
 from ..passes.tracing import default_example_input
 from .zoo import load_model
 
@@ -140,7 +141,8 @@ def save(model: nn.Module, path: str | Path, *, recipe: ModelRecipe | None = Non
 
     Raises:
         ValueError: a transformed model to ``.pt2`` (deploy it first), a plain model to
-            another suffix, or a missing or unstorable recipe.
+            another suffix, or a missing or unstorable recipe, or one that does not rebuild
+            the model's plan (stages, heads, windows, weights, kinds, mode, recompute).
     """
     path = Path(path)
     if path.suffix == EXPORT_SUFFIX:
@@ -156,10 +158,46 @@ def save(model: nn.Module, path: str | Path, *, recipe: ModelRecipe | None = Non
     if recipe is None:
         raise ValueError(f"{path}: saving a transformed model needs recipe=fxrelay.ModelRecipe(model_name, mode, ...), "
                          "the settings load() rebuilds it from")
-    payload = {"format": FORMAT, "recipe": recipe.to_dict(), "state_dict": model.state_dict()}
+    values = recipe.to_dict()
+    difference = _plan_difference(plan_of(model), plan_of(_rebuild(recipe, model)))
+    if difference:
+        raise ValueError(f"{path}: the recipe does not rebuild this model ({difference}); give the recipe the "
+                         "mode and transform_kwargs the model was transformed with")
+    payload = {"format": FORMAT, "recipe": values, "state_dict": model.state_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
     return path
+
+
+def _rebuild(recipe: ModelRecipe, model: nn.Module) -> nn.Module:
+    """What ``recipe`` builds; a recipe naming no zoo model is applied to ``model``'s traced graph."""
+    if recipe.model:
+        return recipe.build()
+    traced = plan_of(model).graph_module
+    training = traced.training
+    try:
+        return recipe.build(traced)
+    finally:
+        traced.train(training)
+
+
+def _recompute(plan: Plan) -> bool:
+    """Whether the model recomputes its stages in backward (``transform(checkpoint=True)``)."""
+    return plan.checkpoint
+
+
+def _plan_difference(saved: Plan, rebuilt: Plan) -> str:
+    """The first setting in which ``rebuilt`` differs from ``saved`` (``""``: none)."""
+    if saved.mode != rebuilt.mode:
+        return f"mode {saved.mode!r}, the recipe's {rebuilt.mode!r}"
+    if _recompute(saved) != _recompute(rebuilt):
+        return f"recompute {_recompute(saved)}, the recipe's {_recompute(rebuilt)}"
+    if [s.nodes for s in saved.stages] != [s.nodes for s in rebuilt.stages]:
+        return f"{len(saved.stages)} stages, the recipe's {len(rebuilt.stages)} with other boundaries"
+    heads = [[(h.stage, h.window, h.weight, h.kind) for h in p.heads] for p in (saved, rebuilt)]
+    if heads[0] != heads[1]:
+        return f"heads (stage, window, weight, kind) {heads[0]}, the recipe's {heads[1]}"
+    return ""
 
 
 def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:

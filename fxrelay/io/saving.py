@@ -12,7 +12,7 @@ files that need neither:
   unsafe unpickling) and returns the program's module. Anyone can load it without
   fxrelay: ``torch.export.load(path).module()``.
 * **trained** (transformed) models, to any other path (``.pt``): the state dict plus a
-  :class:`ModelRecipe` of plain values (the zoo model name and the transform settings), in a
+  :class:`ModelSpec` of plain values (the zoo model name and the transform settings), in a
   dict that ``torch.load(path, weights_only=True)`` reads. :func:`load` rebuilds the model
   from the recipe and loads the state dict with ``strict=True``: heads included, so
   training can go on. For a model of your own, the recipe's ``model`` is ``""`` and
@@ -20,7 +20,7 @@ files that need neither:
 
 Example:
     >>> import torch, fxrelay
-    >>> recipe = fxrelay.ModelRecipe("tv:resnet18", "relay", model_kwargs={"num_classes": 10},
+    >>> recipe = fxrelay.ModelSpec("tv:resnet18", "relay", model_kwargs={"num_classes": 10},
     ...                         input_shape=(3, 64, 64))
     >>> model = recipe.build()                                  # then train it
     >>> path = fxrelay.save(model, "/tmp/r18_relay.pt", recipe=recipe)
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import warnings
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -53,7 +54,9 @@ from ..passes.rewrite import is_transformed, plan_of, transform
 from ..passes.tracing import default_example_input
 from .zoo import load_model
 
-__all__ = ["FORMAT", "EXPORT_SUFFIX", "ModelRecipe", "save", "load"]
+__all__ = ["FORMAT", "EXPORT_SUFFIX", "ModelSpec", "save", "load"]
+
+_RENAMED = {"ModelRecipe": "ModelSpec"}  # reason: deprecated names (training has the other recipe, Recipe)
 
 FORMAT = "fxrelay.trained/1"
 EXPORT_SUFFIX = ".pt2"
@@ -69,11 +72,11 @@ def _traced_input_shape(model: nn.Module) -> tuple[int, ...] | None:
 
 
 @dataclass(frozen=True)
-class ModelRecipe:
+class ModelSpec:
     """How to rebuild a transformed model: plain values only, so a file can hold it safely.
 
     Attributes:
-        model: a timm name or ``tv:NAME`` (see :mod:`fxrelay.apps.zoo`); ``""`` for a model of
+        model: a timm name or ``tv:NAME`` (see :mod:`fxrelay.io.zoo`); ``""`` for a model of
             your own, passed to :meth:`build` / :func:`load` as ``model=``.
         mode: the :func:`fxrelay.transform` mode.
         model_kwargs: the model constructor's arguments (``{"num_classes": 10}``).
@@ -100,7 +103,7 @@ class ModelRecipe:
                 value :func:`fxrelay.transform` rejects.
         """
         if (model is None) == (not self.model):
-            raise ValueError(f"ModelRecipe(model={self.model!r}) needs model=... exactly when it names no zoo model")
+            raise ValueError(f"ModelSpec(model={self.model!r}) needs model=... exactly when it names no zoo model")
         if model is None:
             model = load_model(self.model, **self.model_kwargs)
         example = torch.randn(1, *self.input_shape) if self.input_shape else None
@@ -118,19 +121,28 @@ class ModelRecipe:
         return values
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelRecipe:
+    def from_dict(cls, values: dict[str, Any]) -> ModelSpec:
         """The inverse of :meth:`to_dict`."""
         shape = values.get("input_shape")
         return cls(**{**values, "input_shape": tuple(shape) if shape is not None else None})
 
 
-def save(model: nn.Module, path: str | Path, *, recipe: ModelRecipe | None = None,
+def __getattr__(name: str) -> Any:
+    """Deprecated names, with a warning naming the new one."""
+    if name in _RENAMED:
+        warnings.warn(f"fxrelay.{name} is renamed fxrelay.{_RENAMED[name]} (the training recipe is fxrelay's "
+                      f"Recipe); use {_RENAMED[name]}", DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def save(model: nn.Module, path: str | Path, *, recipe: ModelSpec | None = None,
          example_input: torch.Tensor | None = None) -> Path:
     """Write ``model`` so that :func:`load` (and ``weights_only=True`` loading) reads it back.
 
     Args:
         model: a deployed or plain model for a ``.pt2`` path; a model from
-            :func:`fxrelay.transform` (or :meth:`ModelRecipe.build`) for any other path.
+            :func:`fxrelay.transform` (or :meth:`ModelSpec.build`) for any other path.
         path: the file; its folder is created.
         recipe: required for a transformed model: how :func:`load` rebuilds it.
         example_input: ``.pt2`` only: an input batch fixing every dimension but the batch
@@ -147,7 +159,7 @@ def save(model: nn.Module, path: str | Path, *, recipe: ModelRecipe | None = Non
     path = Path(path)
     if path.suffix == EXPORT_SUFFIX:
         if is_transformed(model):
-            raise ValueError(f"{path}: a transformed model is saved with a ModelRecipe to a .pt path; for "
+            raise ValueError(f"{path}: a transformed model is saved with a ModelSpec to a .pt path; for "
                              f"a {EXPORT_SUFFIX} file deploy it first: fxrelay.save(fxrelay.deploy(model), ...)")
         program = _export(model, example_input)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +168,7 @@ def save(model: nn.Module, path: str | Path, *, recipe: ModelRecipe | None = Non
     if not is_transformed(model):
         raise ValueError(f"{path}: a deployed or plain model is saved with torch.export to a {EXPORT_SUFFIX} path")
     if recipe is None:
-        raise ValueError(f"{path}: saving a transformed model needs recipe=fxrelay.ModelRecipe(model_name, mode, ...), "
+        raise ValueError(f"{path}: saving a transformed model needs recipe=fxrelay.ModelSpec(model_name, mode, ...), "
                          "the settings load() rebuilds it from")
     values = recipe.to_dict()
     difference = _plan_difference(plan_of(model), plan_of(_rebuild(recipe, model)))
@@ -169,7 +181,7 @@ def save(model: nn.Module, path: str | Path, *, recipe: ModelRecipe | None = Non
     return path
 
 
-def _rebuild(recipe: ModelRecipe, model: nn.Module) -> nn.Module:
+def _rebuild(recipe: ModelSpec, model: nn.Module) -> nn.Module:
     """What ``recipe`` builds; a recipe naming no zoo model is applied to ``model``'s traced graph."""
     if recipe.model:
         return recipe.build()
@@ -223,7 +235,7 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     payload = torch.load(path, weights_only=True, map_location="cpu")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a trained model written by fxrelay.save (no format {FORMAT!r})")
-    built = ModelRecipe.from_dict(payload["recipe"]).build(model)
+    built = ModelSpec.from_dict(payload["recipe"]).build(model)
     built.load_state_dict(payload["state_dict"], strict=True)
     return built
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import fxrelay
+import fxrelay.io.saving as saving
 from fxrelay import ModelSpec
 
 SIZE = 32
@@ -125,3 +126,8 @@ def test_bug12_recipe_that_does_not_rebuild_the_model_is_refused(trained, tmp_pa
     right = ModelSpec("", "relay", transform_kwargs={"window": 3, "checkpoint": True}, input_shape=(3, 32, 32))
     again = fxrelay.load(fxrelay.save(checkpointed, tmp_path / "c.pt", recipe=right), model=own)
     assert heads_of(again) == heads_of(checkpointed) == [(0, 2), (1, 3)] and fxrelay.plan_of(again).checkpoint
+
+
+def test_model_recipe_is_a_deprecated_alias_of_model_spec():
+    with pytest.warns(DeprecationWarning, match="ModelRecipe is renamed fxrelay.ModelSpec"):
+        assert saving.ModelRecipe is ModelSpec

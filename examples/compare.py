@@ -47,7 +47,7 @@ from torchvision.transforms.v2 import RandomCrop  # noqa: E402
 
 import fxrelay  # noqa: E402
 import fxrelay.models  # noqa: E402,F401  (registers plainnet* and cliquenet* with timm)
-from fxrelay.apps.zoo import load_model  # noqa: E402
+from fxrelay.io.zoo import load_model  # noqa: E402
 from fxrelay.train.loop import Recipe, fit  # noqa: E402
 
 MODES = ("standard", "deep", "relay-w1", "relay-w2", "relay-w3", "greedy")

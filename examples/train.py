@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, random_spl
 
 import fxrelay
 from fxrelay.apps.cli import UsageError
-from fxrelay.apps.zoo import load_model
+from fxrelay.io.zoo import load_model
 from fxrelay.train.loop import (History, Recipe, Trainer, evaluate, load_checkpoint, lr_schedule, make_optimizer,
                                 no_weight_decay_names)
 from fxrelay.train.parallel import StageParallel

@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 import fxrelay
-from fxrelay.apps.zoo import TORCHVISION_PREFIX, example_input, load_model
+from fxrelay.io.zoo import TORCHVISION_PREFIX, example_input, load_model
 
 MAX_SIZE = 224
 TOLERANCE = 1e-4

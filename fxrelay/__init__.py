@@ -3,7 +3,7 @@
 The pipeline is a sequence of passes over one intermediate representation, the
 :class:`Plan`: trace -> analyse -> partition -> transform (train) -> deploy / render.
 The package is layered (see docs/architecture.md): ``core`` (the IR and the runtime the
-emitted graphs call) <- ``passes`` <- ``deployment``, ``diagrams`` <- ``train`` <- ``apps``.
+emitted graphs call) <- ``passes`` <- ``deployment``, ``diagrams`` <- ``train`` <- ``io`` <- ``apps``.
 
 Names are imported on first use, so ``import fxrelay`` (and ``fxrelay --help``) does
 not pay for torch, timm and torchvision until a name needs them.
@@ -30,7 +30,8 @@ _EXPORTS = {
                                "register_leaf", "trace"),
     "fxrelay.passes.partition": ("partition",),
     "fxrelay.passes.split": ("run_stages", "split_stages"),
-    "fxrelay.passes.heads": ("MODES", "make_head"),
+    "fxrelay.core.choices": ("MODES",),
+    "fxrelay.passes.heads": ("make_head",),
     "fxrelay.passes.rewrite": ("head_parameters", "is_transformed", "original_state_dict", "plan_of",
                                "transform"),
     "fxrelay.deployment.deploy": ("deploy",),
@@ -42,7 +43,7 @@ _EXPORTS = {
     "fxrelay.train.memory": ("AllocatedBytes", "SavedBytes"),
     "fxrelay.train.localstep": ("LocalStep", "LocalStepResult"),
     "fxrelay.train.parallel": ("StageParallel",),
-    "fxrelay.apps.saving": ("ModelRecipe", "load", "save"),
+    "fxrelay.io.saving": ("ModelSpec", "ModelRecipe", "load", "save"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = {"data": "fxrelay.data", "models": "fxrelay.models", "parallel": "fxrelay.train.parallel"}
@@ -52,6 +53,8 @@ __all__ = sorted(_MODULE_OF)
 
 def __getattr__(name: str) -> Any:
     if name in _MODULE_OF:
+        # reason: the run-time guards subscribe to every transform (fxrelay.core.events) when imported
+        importlib.import_module("fxrelay.train.guards")
         value = getattr(importlib.import_module(_MODULE_OF[name]), name)
     elif name in _SUBMODULES:
         value = importlib.import_module(_SUBMODULES[name])

@@ -1,6 +1,6 @@
 """The package's layers: imports point down only, no cycles, no private helpers across modules.
 
-Layers (docs/architecture.md): core <- passes <- deployment, diagrams <- data, train <- apps;
+Layers (docs/architecture.md): core <- passes <- deployment, diagrams <- data, train <- io <- apps;
 models beside (torch and timm only).
 """
 
@@ -19,11 +19,12 @@ MAY_IMPORT = {
     "diagrams": {"core", "passes", "diagrams"},
     "data": {"data"},
     "train": {"core", "passes", "deployment", "data", "train"},
-    "apps": {"core", "passes", "deployment", "diagrams", "data", "train", "apps", "models"},
+    "io": {"core", "passes", "deployment", "data", "train", "io"},
+    "apps": {"core", "passes", "deployment", "diagrams", "data", "train", "io", "apps", "models"},
     "models": {"models"},
 }
 # reason: the command line answers --help before torch is imported; these imports are for start-up time
-LAZY_IMPORTS_ALLOWED = {"apps/cli.py", "apps/zoo.py"}
+LAZY_IMPORTS_ALLOWED = {"apps/cli.py", "io/zoo.py"}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -104,3 +105,68 @@ def test_import_fxrelay_is_cheap():
     code = "import sys, fxrelay; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _public(tree: ast.Module) -> set[str] | None:
+    """A module's ``__all__`` (None: it has none)."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return None
+
+
+# reason: in modules other sessions are changing now; their owners add them to __all__ (then empty this)
+PENDING_ALL = {"fxrelay.train.sequential.check_sequential", "fxrelay.core.plan.si"}
+
+
+def test_names_imported_across_modules_are_in_all():
+    modules = _modules()
+    by_name = {"fxrelay." + p[:-3].replace("/", ".").removesuffix(".__init__"): t for p, t in modules.items()}
+    missing = []
+    for path, tree in modules.items():
+        for module, names, _ in _imports(path, tree):
+            public = _public(by_name[module]) if module in by_name else None
+            if public is None:
+                continue
+            missing += [f"{path}: {module}.{n}" for n in names if n not in public and not n.startswith("_")
+                        and f"{module}.{n}" not in by_name]
+    missing = [m for m in missing if m.split(": ")[1] not in PENDING_ALL]
+    assert not missing, f"imported but missing from the source module's __all__: {missing}"
+
+
+def test_import_fxrelay_registers_no_optimizer_hook():
+    code = ("import fxrelay, torch\nfrom torch.optim import optimizer\n"
+            "before = len(optimizer._global_optimizer_pre_hooks)\n"
+            "fxrelay.plan_of\nafter_import = len(optimizer._global_optimizer_pre_hooks)\n"
+            "fxrelay.transform(torch.nn.Sequential(torch.nn.Linear(4, 2)), 'standard')\n"
+            "print(before, after_import, len(optimizer._global_optimizer_pre_hooks))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "0", "1"]
+
+
+def test_docs_architecture_names_every_module():
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    missing = [p for p in _modules() if not p.endswith("__init__.py") and "/" in p
+               and pathlib.PurePath(p).name not in text and pathlib.PurePath(p).stem not in text]
+    assert not missing, f"docs/architecture.md does not name {missing}"
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 60
+
+
+def _oversized() -> list[str]:
+    found = []
+    for path, tree in _modules().items():
+        lines = len((PACKAGE / path).read_text().splitlines())
+        if lines > MAX_MODULE_LINES:
+            found.append(f"{path}: {lines} lines")
+        found += [f"{path}:{f.lineno} {f.name}: {f.end_lineno - f.lineno + 1} lines" for f in ast.walk(tree)
+                  if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  and f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
+    return found
+
+
+@pytest.mark.xfail(strict=False, reason="modules of other helpers still exceed: see the assertion message")
+def test_no_module_over_450_lines_no_function_over_60():
+    oversized = _oversized()
+    assert not oversized, f"over {MAX_MODULE_LINES} lines a module or {MAX_FUNCTION_LINES} a function: {oversized}"

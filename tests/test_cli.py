@@ -153,7 +153,7 @@ def test_help_imports_no_torch():
     result = run("-X", "importtime", "-m", "fxrelay", "--help", module="")
     assert result.returncode == 0 and "inspect" in result.stdout
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
-    assert {"fxrelay", "fxrelay.apps.zoo"} <= imported
+    assert {"fxrelay", "fxrelay.io.zoo"} <= imported
     assert not {"torch", "timm", "torchvision", "fxrelay.passes.rewrite", "fxrelay.diagrams.render"} & imported
 
 

@@ -8,10 +8,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 
 import fxrelay
-from fxrelay.train.parallel import StageParallel, balance
-from nets import SkipNet
+from fxrelay.train.parallel import StageParallel, balance, split_batch
+from fxrelay.train.stagerun import wiring
+from nets import SkipNet, _block
 from oracle import assert_close
 
 MICROBATCHES = 3
@@ -22,22 +24,52 @@ def _batch(n: int):
     return torch.randn(n, 3, 32, 32, generator=g).double(), torch.randint(0, 10, (n,), generator=g)
 
 
-def _reference(model, shards):
+class CrossNet(nn.Module):
+    """Five resolution levels; stage 3 reads stage 0's output too (a skip edge over three cuts)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.stem = _block(3, width, 1)
+        self.downs = nn.ModuleList(_block(width, width, 2) for _ in range(4))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        a = self.stem(x)
+        c = self.downs[1](self.downs[0](a))
+        d = self.downs[2](c) + F.avg_pool2d(a, 8)
+        return self.fc(self.downs[3](d).mean((2, 3)))
+
+
+def _mixup(logits, target):
+    ya, yb, lam = target
+    return lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
+
+
+def _micro(y, i):
+    """Micro-batch ``i`` of a target, written out for the two kinds the tests use."""
+    if isinstance(y, tuple):
+        ya, yb, lam = y
+        return ya.tensor_split(MICROBATCHES)[i], yb.tensor_split(MICROBATCHES)[i], lam
+    return y.tensor_split(MICROBATCHES)[i]
+
+
+def _reference(model, shards, criterion=F.cross_entropy):
     """The synchronous schedule's definition: per replica shard, the one-line step accumulated over
     the micro-batches with each loss scaled by 1/M, averaged over replicas (BN per micro-batch)."""
     model.zero_grad(set_to_none=True)
     for x, y in shards:
-        for xs, ys in zip(x.tensor_split(MICROBATCHES), y.tensor_split(MICROBATCHES)):
-            (F.cross_entropy(model(xs), ys) / (MICROBATCHES * len(shards))).backward()
+        for i, xs in enumerate(x.tensor_split(MICROBATCHES)):
+            (criterion(model(xs), _micro(y, i)) / (MICROBATCHES * len(shards))).backward()
     return dict(model.named_parameters())
 
 
-def _check(build, mode, kwargs, shards, replicas=1, stages_per_rank=None):
+def _check(build, mode, kwargs, shards, replicas=1, stages_per_rank=None, criterion=F.cross_entropy):
     torch.manual_seed(0)
     model = fxrelay.transform(build().double(), mode, example_input=shards[0][0][:1], **kwargs)
-    want = _reference(copy.deepcopy(model), shards)
+    want = _reference(copy.deepcopy(model), shards, criterion)
     parallel = StageParallel(model, lambda params: torch.optim.SGD(params, lr=0.0), microbatches=MICROBATCHES,
-                             replicas=replicas, stages_per_rank=stages_per_rank, verbose=False)
+                             replicas=replicas, stages_per_rank=stages_per_rank, criterion=criterion,
+                             verbose=False)
     parallel.step(*shards[parallel.replica])
     stats = parallel.step(*shards[parallel.replica])  # reason: a second step overlaps the first's messages
     names = {id(p): n for n, p in model.named_parameters()}
@@ -83,6 +115,57 @@ def _same_everywhere(model) -> bool:
 
 def test_pipeline_of_two_matches_single_process(tmp_path):
     mp.spawn(_pipeline_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=2)
+
+
+def _bug10_worker(rank: int, init: str) -> None:
+    torch.set_num_threads(1)  # reason: several processes share the cores
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        x, y = _batch(7)
+        target = (y, y.roll(1), 0.3)  # reason: mixup's target: two label tensors and a float
+        for mode, kwargs in (("greedy", {}), ("relay", {"head_stages": [1, 2], "window": 2})):
+            parallel, _ = _check(SkipNet, mode, kwargs, [(x, target)], stages_per_rank=[2, 2], criterion=_mixup)
+            parallel.gather_model()  # reason: waits for the sends in flight before the next model's messages
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bug10_tuple_target_matches_single_process(tmp_path):
+    mp.spawn(_bug10_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=2)
+
+
+def test_split_batch_splits_batch_tensors_only():
+    y, w = torch.arange(5), torch.ones(3)
+    parts = split_batch({"y": y, "w": w, "lam": 0.5, "none": None}, 5, 2)
+    assert [p["y"].tolist() for p in parts] == [[0, 1, 2], [3, 4]]
+    assert all(p["w"] is w and p["lam"] == 0.5 and p["none"] is None for p in parts)
+
+
+def _order_worker(rank: int, init: str) -> None:
+    torch.set_num_threads(1)  # reason: several processes share the cores
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        shards = [_batch(6)]
+        for window, heads, crossing in ((4, [3], "BBA"), (3, [2, 3], "BB")):
+            parallel, _ = _check(CrossNet, "relay", {"head_stages": heads, "window": window}, shards,
+                                 stages_per_rank=[2, 3])
+            parallel.gather_model()  # reason: waits for the sends in flight before the next model's messages
+            w = wiring(parallel.model)
+            a, b = w.plan.stages[0].outputs[0], w.plan.stages[1].outputs[0]
+            # reason: rank 1 reads B at stage 2 before A at stage 3; the canonical order sends A first
+            assert w.readers[b] == (2,) and w.readers[a] == (1, 3)
+            # reason: the cotangents crossing back, in read order (B's first); window 4 makes stage 3
+            # send A's before stage 2 sends B's
+            names = {a: "A", b: "B"}
+            assert "".join(names[r.value] for r in w.reads if r.stage >= 2 and r.value in names) == crossing
+    finally:
+        dist.destroy_process_group()
+
+
+def test_p2p_order_discipline_without_tags(tmp_path):
+    """Every message has tag 0 (NCCL's matching): values and cotangents crossing out of the
+    canonical order are matched by the per-pair order alone."""
+    mp.spawn(_order_worker, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=2)
 
 
 def _grid_worker(rank: int, init: str) -> None:

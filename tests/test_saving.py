@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import fxrelay
-from fxrelay import ModelRecipe
+import fxrelay.io.saving as saving
+from fxrelay import ModelSpec
 
 SIZE = 32
 
@@ -17,7 +18,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def trained():
     """A relay resnet10t after one SGD step, so that nothing is at its initial value (BN stats included)."""
-    recipe = ModelRecipe("resnet10t", "relay", model_kwargs={"num_classes": 5}, transform_kwargs={"window": 3},
+    recipe = ModelSpec("resnet10t", "relay", model_kwargs={"num_classes": 5}, transform_kwargs={"window": 3},
                     input_shape=(3, SIZE, SIZE))
     torch.manual_seed(0)
     model = recipe.build()
@@ -66,7 +67,7 @@ def test_own_model_reloads_with_model_argument(tmp_path):
                              nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
-    recipe = ModelRecipe("", "greedy", input_shape=(3, 32, 32))
+    recipe = ModelSpec("", "greedy", input_shape=(3, 32, 32))
     model = recipe.build(net())
     path = fxrelay.save(model, tmp_path / "own.pt", recipe=recipe)
     again = fxrelay.load(path, model=net())
@@ -80,12 +81,12 @@ def test_misuse_is_refused_with_the_fix(trained, tmp_path):
     recipe, model = trained
     with pytest.raises(ValueError, match=r"deploy it first: fxrelay.save\(fxrelay.deploy\(model\), ...\)"):
         fxrelay.save(model, tmp_path / "x.pt2")
-    with pytest.raises(ValueError, match="needs recipe=fxrelay.ModelRecipe"):
+    with pytest.raises(ValueError, match="needs recipe=fxrelay.ModelSpec"):
         fxrelay.save(model, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="saved with torch.export to a .pt2 path"):
         fxrelay.save(nn.Linear(2, 2), tmp_path / "x.pt")
     with pytest.raises(ValueError, match=r"recipe.transform_kwargs.head_kind = <function .*> cannot be stored safely"):
-        fxrelay.save(model, tmp_path / "x.pt", recipe=ModelRecipe("resnet10t", transform_kwargs={"head_kind": heads_of}))
+        fxrelay.save(model, tmp_path / "x.pt", recipe=ModelSpec("resnet10t", transform_kwargs={"head_kind": heads_of}))
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="is not a trained model written by fxrelay.save"):
         fxrelay.load(tmp_path / "other.pt")
@@ -107,3 +108,26 @@ def test_a_pt2_archive_needing_unsafe_unpickling_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"refusing to load .*tampered.pt2: its part '.*\.pt' does not load with "
                                          r"weights_only=True \(UnpicklingError\)"):
         fxrelay.load(tampered)
+
+
+def test_bug12_recipe_that_does_not_rebuild_the_model_is_refused(trained, tmp_path):
+    recipe, model = trained
+    wrong = ModelSpec("resnet10t", "relay", model_kwargs={"num_classes": 5}, input_shape=(3, SIZE, SIZE))
+    with pytest.raises(ValueError, match=r"does not rebuild this model \(heads .*\(1, 3\).*the recipe's .*\(2, 3\)"):
+        fxrelay.save(model, tmp_path / "w.pt", recipe=wrong)
+    own = nn.Sequential(*[m for c in (3, 8, 8, 8) for m in (nn.Conv2d(c, 8, 3, 2, 1), nn.ReLU())],
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    checkpointed = fxrelay.transform(own, "relay", window=3, checkpoint=True, example_input=torch.randn(1, 3, 32, 32))
+    for recipe, difference in ((ModelSpec("", "relay", transform_kwargs={"window": 3}), "recompute True"),
+                               (ModelSpec("", "greedy", transform_kwargs={"checkpoint": True}), "mode 'relay'"),
+                               (ModelSpec("", "relay", transform_kwargs={"checkpoint": True}), "heads")):
+        with pytest.raises(ValueError, match=difference):
+            fxrelay.save(checkpointed, tmp_path / "c.pt", recipe=recipe)
+    right = ModelSpec("", "relay", transform_kwargs={"window": 3, "checkpoint": True}, input_shape=(3, 32, 32))
+    again = fxrelay.load(fxrelay.save(checkpointed, tmp_path / "c.pt", recipe=right), model=own)
+    assert heads_of(again) == heads_of(checkpointed) == [(0, 2), (1, 3)] and fxrelay.plan_of(again).checkpoint
+
+
+def test_model_recipe_is_a_deprecated_alias_of_model_spec():
+    with pytest.warns(DeprecationWarning, match="ModelRecipe is renamed fxrelay.ModelSpec"):
+        assert saving.ModelRecipe is ModelSpec

@@ -110,3 +110,36 @@ def test_registered_functions_and_leaves_need_no_configuration():
                                                             autowrap_functions=[clamp_if_positive]))
     targets = {n.target for stage in model.stages for n in stage.graph.nodes}
     assert halve_if_large in targets and "shift" in targets
+
+
+@fxrelay.register_autowrap
+def _double_if_negative(x):
+    return x * 2 if x.sum() < 0 else x
+
+
+class UsesPrivate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, x):
+        return self.net(_double_if_negative(x))
+
+
+def test_bug11_private_autowrap_function_is_one_node():
+    plain = UsesPrivate()
+    model = fxrelay.transform(plain, example_input=X, tracing=fxrelay.TracingConfig(
+        leaf_modules=[Gain], autowrap_functions=[clamp_if_positive]))
+    assert _double_if_negative in {n.target for stage in model.stages for n in stage.graph.nodes}
+    for x in (X, -X.abs()):  # reason: both branches run at run time, not only the one seen while tracing
+        assert torch.equal(model.eval()(x), plain.eval()(x))
+    copy = pickle.loads(pickle.dumps(model))
+    assert torch.equal(copy.eval()(-X.abs()), plain(-X.abs()))
+
+
+def test_bug11_private_nested_function_is_refused():
+    def _inner(x):
+        return x
+
+    with pytest.raises(TypeError, match="module level"):
+        fxrelay.register_autowrap(_inner)

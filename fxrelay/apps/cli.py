@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
 from .. import __version__
 from ..core.choices import BALANCES, BOUNDARIES, FORMATS, LEVELS, MODES
-from .zoo import check_model_name, example_input, load_model
+from ..io.zoo import check_model_name, example_input, load_model
 
 if TYPE_CHECKING:
     from torch import nn

@@ -30,8 +30,8 @@ from ..deployment.fold import count_batchnorms
 from ..diagrams.render import GraphvizNotFound, render
 from ..passes.rewrite import plan_of
 from ..train.loop import History, evaluate, fit
-from .saving import ModelRecipe, save
-from .zoo import check_model_name
+from ..io.saving import ModelSpec, save
+from ..io.zoo import check_model_name
 
 __all__ = ["DemoResult", "DeployCheck", "run_demo", "check_deployed", "TOLERANCE", "IMAGE_SIZE", "RUNS"]
 
@@ -107,7 +107,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, model_name: str = "resnet10t",
         progress: print the plan of runs and show progress bars.
 
     Raises:
-        fxrelay.apps.zoo.UnknownModelError: unknown ``model_name``, before anything runs
+        fxrelay.io.zoo.UnknownModelError: unknown ``model_name``, before anything runs
             (nothing is written unless training finishes).
     """
     check_model_name(model_name)
@@ -115,7 +115,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, model_name: str = "resnet10t",
     train_set = Shapes(train_size, image_size, num_classes, seed=seed)
     val_set = Shapes(val_size, image_size, num_classes, seed=seed + 1)
     val_loader = DataLoader(val_set, batch_size=256)
-    recipes = [ModelRecipe(model_name, mode, model_kwargs={"num_classes": num_classes},
+    recipes = [ModelSpec(model_name, mode, model_kwargs={"num_classes": num_classes},
                       input_shape=(3, image_size, image_size)) for mode in RUNS]
     if progress:
         print(_plan_text(model_name, epochs, train_size, image_size, num_classes, out), flush=True)

@@ -27,7 +27,7 @@ import torch.fx as fx
 from .analysis import Analysis, data_dependent_nodes
 from .tracing import module_path
 
-__all__ = ["Crossings", "CutIndex", "cut_index", "constant_nodes"]
+__all__ = ["Crossings", "CutIndex", "cut_index", "constant_nodes", "prefix_sums"]
 
 
 @dataclass(frozen=True)

@@ -52,13 +52,13 @@ import torch.fx as fx
 from torch import nn
 
 from ..core._compat import USER_PRESERVED_ATTRIBUTES_KEY
+from ..core.events import transformed
 from ..core.ir import TracingConfig
 from ..core.modules import AuxHead, ModuleSeq, training_mode
 from ..core.outputs import OutputPath
 from ..core.plan import Plan
 from .analysis import saved_bytes_per_sample
 from .emit import StagedModule, staged_module
-from .guards import watch_heads
 from .heads import MODES, HeadFactory, assign_heads, check_mode, describe_head, head_flops, kind_name, make_head
 from .introspect import model_aux_heads, num_classes_of, output_path
 from .partition import partition
@@ -166,10 +166,10 @@ def transform(
                                                 saved_bytes=saved_bytes_per_sample(body, plan.stages[h.stage].shape))
         for h, body in zip(plan.heads, [*bodies, None])))
     _warn_degenerate(plan, mode, window, explicit=not isinstance(head_stages, str))
-    transformed = _build(model, plan, [AuxHead(b) for b in bodies])
+    staged = _build(model, plan, [AuxHead(b) for b in bodies])
     if optimizer is not None:
-        optimizer.add_param_group({"params": head_parameters(transformed)})
-    return transformed
+        optimizer.add_param_group({"params": head_parameters(staged)})
+    return staged
 
 
 _REMOVED = {"heads": "head_stages", "head": "head_kind"}
@@ -263,7 +263,7 @@ def _build(model: nn.Module, plan: Plan, head_modules: list[nn.Module]) -> Stage
     state = _State(plan, keys)
     setattr(gm, _STATE, state)
     gm.meta[USER_PRESERVED_ATTRIBUTES_KEY] = {_STATE: state}
-    watch_heads(gm)
+    transformed(gm)  # reason: the layers above subscribed (fxrelay.train.guards warns about optimizers)
     return gm
 
 

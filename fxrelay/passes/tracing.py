@@ -53,14 +53,14 @@ from torch.nn import functional as F
 
 from ..core._compat import ASSERT_IS_NONE, TORCH_ASSERT, autowrap
 from ..core.ir import TracingConfig
+from .example_input import default_example_input
 
 __all__ = ["Tracer", "GeneratedCodeTracer", "TraceError", "TracingConfig", "trace", "default_example_input", "register_leaf",
            "register_autowrap", "tracing_config", "module_path", "did_you_mean", "as_inputs", "DROPOUT_FUNCTIONS",
-           "ExampleInput"]
+           "ExampleInput", "check_module", "mutates_input"]
 
 ExampleInput = torch.Tensor | Sequence[torch.Tensor]
 _FX_DIR = os.path.dirname(fx.__file__)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 _RUNTIME_TRAINING_DROPOUTS = frozenset({  # reason: their `training` argument is read at run time
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
@@ -95,10 +95,23 @@ def register_autowrap(fn: _T) -> _T:
     ``register_notrace_function``). Use it for helpers with Python control flow on tensor values.
 
     As with torch.fx's ``autowrap_functions``, ``fn`` must be a module-level function of
-    the module whose code calls it (fx patches module globals, not closures).
+    the module whose code calls it (fx patches module globals, not closures). A private
+    name (``_helper``), which fx's autowrap skips, is registered with :func:`torch.fx.wrap`
+    instead: its calls are then single nodes in every torch.fx trace, not only fxrelay's.
+
+    Raises:
+        TypeError: ``fn`` is not callable, or is a private function that is not module-level.
     """
     if not callable(fn):
         raise TypeError(f"register_autowrap decorates functions, got {fn!r}")
+    name = getattr(fn, "__name__", "")
+    if name.startswith("_"):
+        if getattr(fn, "__qualname__", None) != name or not hasattr(fn, "__globals__"):
+            raise TypeError(f"register_autowrap({name}): torch.fx wraps a private function only when it is "
+                            "defined at module level; move it to the top level of its module")
+        # reason: fx's autowrap skips private names; fx.wrap patches any name but must be called from the
+        # module's top level, which exec in the module's globals is
+        exec("wrap(name)", fn.__globals__, {"wrap": fx.wrap, "name": name})  # noqa: S102
     _registered_functions.append(fn)
     return fn
 
@@ -197,51 +210,6 @@ class GeneratedCodeTracer(Tracer):
         code_globals = getattr(forward, "__func__", forward).__globals__
         autowrap(self, [f for f in code_globals.values() if inspect.isfunction(f)])
         return super().trace(root, concrete_args)
-
-
-def default_example_input(model: nn.Module) -> torch.Tensor:
-    """A seeded random batch of one in the size, dtype and device ``model`` declares.
-
-    The channels are timm's ``in_chans``, else the first convolution's, else 3; the
-    spatial size comes from, in order: a timm ``patch_embed.img_size`` (models built with
-    ``img_size=...``), a torchvision ``image_size``, timm's ``pretrained_cfg["input_size"]``,
-    else 224. A model that declares none of these and has no convolution but a ``Linear``
-    gets ``(1, in_features)`` of its first one. The dtype and device are those of the first
-    floating-point parameter.
-
-    >>> default_example_input(nn.Sequential(nn.Linear(5, 2))).shape
-    torch.Size([1, 5])
-    """
-    size = _declared_input_size(model)
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = param.dtype if param is not None else torch.get_default_dtype()
-    sample = torch.randn(1, *size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return sample.to(device=param.device if param is not None else "cpu", dtype=dtype)
-
-
-def _declared_input_size(model: nn.Module) -> tuple[int, ...]:
-    spatial = _declared_spatial_size(model)
-    # reason: timm's in_chans, not the first convolution's, when a stem rearranges pixels into channels (tresnet)
-    channels = getattr(model, "in_chans", None)
-    first = next((m for m in model.modules() if isinstance(m, _CONVS)), None)
-    if first is None and spatial is None and not isinstance(channels, int):
-        linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-        if linear is not None:
-            return (linear.in_features,)
-    if not isinstance(channels, int):
-        channels = first.in_channels if first is not None else 3
-    dims = first.weight.dim() - 2 if first is not None else 2
-    return (channels, *(spatial or (224,) * dims))
-
-
-def _declared_spatial_size(model: nn.Module) -> tuple[int, ...] | None:
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:  # reason: timm models built with img_size=... keep their pretrained_cfg's size
-        return tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
-    if isinstance(getattr(model, "image_size", None), int):  # reason: torchvision's VisionTransformer
-        return (model.image_size,) * 2
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    return tuple(cfg["input_size"][1:]) if "input_size" in cfg else None
 
 
 def as_inputs(example_input: ExampleInput) -> tuple[torch.Tensor, ...]:

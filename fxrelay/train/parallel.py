@@ -37,13 +37,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..core._compat import tree_map
 from ..core.channels import stage_backward_flops
 from ..passes.rewrite import plan_of
 from .stagerun import AllReduceSink, StageRunner, Tape, Wiring, wiring
 
-__all__ = ["StageParallel", "StepStats", "balance"]
+__all__ = ["StageParallel", "StepStats", "balance", "split_batch"]
 
-_HEADER = 12  # reason: kind, dtype, requires_grad, ndim, up to 8 dims
+_HEADER = 14  # reason: kind, dtype, requires_grad, ndim, (micro-batch, position), up to 8 dims
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
            torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
 _TENSOR, _OBJECT, _NONE = 0, 1, 2
@@ -104,7 +105,9 @@ class StageParallel:
     Every process builds the same transformed model (same seed) and calls :meth:`step`
     with the batch of its pipeline replica (all ``K`` ranks of a replica pass the same
     ``x`` and ``y``; only the ranks whose stages read ``x`` use its values). Initial
-    parameters are broadcast within each stage group's replicas.
+    parameters are broadcast within each stage group's replicas. The last step's messages
+    may still be in flight after :meth:`step`: call :meth:`gather_model` (which waits for
+    them) before dropping the object.
 
     Args:
         model: a model made by :func:`fxrelay.transform` in ``greedy`` or ``relay`` mode.
@@ -192,21 +195,29 @@ class StageParallel:
                          f"{100 * cost / total:4.1f}%  {saved / 2**20:>15.2f}")
         return "\n".join(lines)
 
-    def step(self, x: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor) -> StepStats:
+    def step(self, x: torch.Tensor | Sequence[torch.Tensor], y: Any) -> StepStats:
         """One synchronous training step on this replica's batch: zero the gradients, run the
         ``M`` micro-batches through the pipeline, all-reduce over replicas, ``optimizer.step()``.
 
+        Args:
+            x: the model input(s); the first tensor's first dimension is the batch.
+            y: the target: a tensor or any pytree of values (mixup's ``(ya, yb, lam)``), split
+                by :func:`split_batch`.
+
         Raises:
-            ValueError: the batch has fewer samples than micro-batches.
+            ValueError: no input tensor, or the batch has fewer samples than micro-batches.
         """
-        if len(y) < self.microbatches:
-            raise ValueError(f"a batch of {len(y)} samples cannot be split into {self.microbatches} micro-batches")
+        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        size = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        if size is None:
+            raise ValueError("StageParallel.step needs a batched tensor input: x's first tensor gives the batch size")
+        if size < self.microbatches:
+            raise ValueError(f"a batch of {size} samples cannot be split into {self.microbatches} micro-batches")
         start = time.perf_counter()
         self._transport.waiting = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-        chunks = list(zip(*(t.tensor_split(self.microbatches) for t in inputs)))
-        targets = y.tensor_split(self.microbatches)
+        chunks = split_batch(inputs, size, self.microbatches)
+        targets = split_batch(y, size, self.microbatches)
         lag = self.pipeline - 1 - self.rank_in_pipeline  # reason: cotangents come back after the ranks above ran
         tapes: list[Tape] = []
         for m in range(self.microbatches):
@@ -217,7 +228,7 @@ class StageParallel:
         for m in range(max(0, self.microbatches - lag), self.microbatches):
             self._backward(tapes[m])
         results = [self.runner.finish(t) for t in tapes]
-        self._transport.end_step()
+        self._transport.end_step(self.microbatches)
         if self._sink is not None:
             self._transport.waiting += self._sink.finish()
         self.optimizer.step()
@@ -248,6 +259,21 @@ class StageParallel:
             self.runner.deliver(tape, read, self._transport.recv_grad(tape, read))
 
 
+def split_batch(value: Any, size: int, parts: int) -> list[Any]:
+    """``value`` (a tensor, or a pytree such as a mixup target ``(ya, yb, lam)``) as ``parts``
+    micro-batches: every tensor whose first dimension is the batch ``size`` is ``tensor_split``;
+    any other leaf (a float, a tensor of another length) goes to every micro-batch unchanged.
+
+    >>> [len(ya) for ya, yb, lam in split_batch((torch.zeros(5), torch.ones(5), 0.3), 5, 2)]
+    [3, 2]
+    """
+    def part(leaf: Any, i: int) -> Any:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == size:
+            return leaf.tensor_split(parts)[i]
+        return leaf
+    return [tree_map(lambda leaf: part(leaf, i), value) for i in range(parts)]
+
+
 def _stage_costs(plan) -> list[float]:
     """Training FLOPs per sample of each stage with the heads reading it (forward + backward)."""
     costs = [s.flops + b for s, b in zip(plan.stages, stage_backward_flops(plan.stages, plan.heads))]
@@ -256,11 +282,51 @@ def _stage_costs(plan) -> list[float]:
     return costs
 
 
+class _Lane:
+    """The messages one rank sends another in a step, in the one order the wiring fixes.
+
+    The order is micro-batch by micro-batch, and within one the ``keys`` in their order
+    (values by producing stage and output, cotangents by read index). A sending lane
+    sends a message once every earlier one was sent (later ones wait in ``held``); a
+    receiving lane receives in that order, keeping messages that arrive before they are
+    needed.
+    """
+
+    def __init__(self, peer: int, keys: Sequence[Any]):
+        self.peer, self.keys = peer, tuple(keys)
+        self.position = {key: i for i, key in enumerate(self.keys)}
+        self.next = (0, 0)
+        self.held: dict[tuple[int, int], Any] = {}
+
+    def advance(self) -> tuple[int, int]:
+        """The current slot; moves to the next one."""
+        m, i = slot = self.next
+        self.next = (m, i + 1) if i + 1 < len(self.keys) else (m + 1, 0)
+        return slot
+
+    def check_done(self, microbatches: int) -> None:
+        """A step ends with every message of its ``microbatches`` through the lane; the next starts afresh.
+
+        Raises:
+            RuntimeError: a message is missing or was held back (a schedule error).
+        """
+        if self.held or self.next != (microbatches, 0):
+            raise RuntimeError(f"point-to-point messages with rank {self.peer} out of order: at "
+                               f"(micro-batch, message) {self.next} of {microbatches} x {len(self.keys)}, "
+                               f"{len(self.held)} held; every value and cotangent must cross once per micro-batch")
+        self.next = (0, 0)
+
+
 class _P2P:
-    """Point-to-point messages of one pipeline replica: a fixed-size header (kind, dtype,
-    shape) then the payload; tags name the step's parity, the micro-batch and the value or
-    read, so messages match whatever order they are sent in. Non-tensor values travel
-    pickled.
+    """Point-to-point messages of one pipeline replica, matched by order alone.
+
+    NCCL ignores message tags, so every message has tag 0 and each ordered pair of ranks
+    carries one sequence (a :class:`_Lane`): the values the sender's stages produce for
+    the receiver's readers, or the cotangents of the sender's reads of values the receiver
+    produced, micro-batch by micro-batch in the order fixed by the wiring. Each message is
+    a fixed-size header (kind, dtype, shape and the message's (micro-batch, position),
+    checked on arrival: a stray message raises rather than trains on a wrong value) then
+    the payload; non-tensor values travel pickled.
 
     A gloo send completes only once the receiver has posted its receive, so a step does
     not wait for its own sends: it waits for the previous step's. A rank may thus run up
@@ -270,40 +336,53 @@ class _P2P:
 
     def __init__(self, wiring: Wiring, rank_of_stage: dict[int, int], device: torch.device):
         self.wiring, self.rank_of_stage, self.device = wiring, rank_of_stage, device
-        self._names = {name: i for i, name in enumerate(wiring.producer)}
-        self._width = max(len(self._names), len(wiring.reads))
+        self.rank = dist.get_rank()
+        self._out: dict[int, _Lane] = {}
+        self._in: dict[int, _Lane] = {}
+        for peer in sorted(set(rank_of_stage.values()) - {self.rank}):
+            self._lanes(peer)
         self._sends: list[tuple[Any, torch.Tensor]] = []
         self._previous: list[tuple[Any, torch.Tensor]] = []
-        self._parity = 0
         self.waiting = 0.0
 
-    def _tag(self, tape: Tape, kind: int, index: int) -> int:
-        message = (tape.index * self._width + index) * 2 + kind
-        return (message * 2 + self._parity) * 2  # reason: +1 is the payload's tag
+    def _lanes(self, peer: int) -> None:
+        """The lanes to and from ``peer``: values flow up the pipeline, cotangents down."""
+        w, rank = self.wiring, self.rank_of_stage
+        order = sorted((n for n, s in w.producer.items() if s >= 0), key=lambda n: (w.producer[n], w.position[n]))
+        for src, dst in ((self.rank, peer), (peer, self.rank)):
+            sent = [n for n in order if rank[w.producer[n]] == src and any(rank[t] == dst for t in w.readers[n])]
+            grads = [k for k, r in enumerate(w.reads) if w.producer[r.value] >= 0
+                     and rank[r.stage] == src and rank[w.producer[r.value]] == dst]
+            if sent and grads:  # reason: two sequences on one pair would interleave unmatched
+                raise ValueError(f"rank {src} sends rank {dst} both values and cotangents; place the stages "
+                                 "in contiguous groups in pipeline order (stages_per_rank)")
+            lane = _Lane(peer, [("value", n) for n in sent] + [("grad", k) for k in grads])
+            (self._out if src == self.rank else self._in)[peer] = lane
 
     def recv_value(self, tape: Tape, name: str) -> Any:
-        src = self.rank_of_stage[self.wiring.producer[name]]
-        return self._recv(src, self._tag(tape, 0, self._names[name]))
+        return self._get(self.rank_of_stage[self.wiring.producer[name]], tape.index, ("value", name))
 
     def send_value(self, tape: Tape, name: str, value: Any) -> None:
-        ranks = {self.rank_of_stage[s] for s in self.wiring.readers[name]} - {dist.get_rank()}
-        for dst in sorted(ranks):
-            self._send(value, dst, self._tag(tape, 0, self._names[name]))
+        for lane in self._out.values():
+            if ("value", name) in lane.position:
+                self._put(lane, tape.index, ("value", name), value)
 
     def send_grad(self, tape: Tape, read: int, grad: torch.Tensor | None) -> None:
         dst = self.rank_of_stage[self.wiring.producer[self.wiring.reads[read].value]]
-        self._send(grad, dst, self._tag(tape, 1, read))
+        self._put(self._out[dst], tape.index, ("grad", read), grad)
 
     def recv_grad(self, tape: Tape, read: int) -> torch.Tensor | None:
-        src = self.rank_of_stage[self.wiring.reads[read].stage]
-        return self._recv(src, self._tag(tape, 1, read))
+        return self._get(self.rank_of_stage[self.wiring.reads[read].stage], tape.index, ("grad", read))
 
-    def end_step(self) -> None:
-        """Wait until the previous step's messages were received; this step's stay in flight."""
+    def end_step(self, microbatches: int) -> None:
+        """Check every lane is through the step; wait until the previous step's messages were
+        received (this step's stay in flight)."""
+        for lane in (*self._out.values(), *self._in.values()):
+            if lane.keys:
+                lane.check_done(microbatches)
         for work, _ in self._previous:
             self._wait(work)
         self._previous, self._sends = self._sends, []
-        self._parity ^= 1
 
     def drain(self) -> None:
         """Wait until every message sent so far was received."""
@@ -311,37 +390,57 @@ class _P2P:
             self._wait(work)
         self._previous, self._sends = [], []
 
-    def _send(self, value: Any, dst: int, tag: int) -> None:
+    def _put(self, lane: _Lane, m: int, key: Any, value: Any) -> None:
+        lane.held[(m, lane.position[key])] = value
+        while lane.next in lane.held:
+            slot = lane.advance()
+            self._send(lane.held.pop(slot), lane.peer, slot)
+
+    def _get(self, src: int, m: int, key: Any) -> Any:
+        lane = self._in[src]
+        slot = (m, lane.position[key])
+        if slot < lane.next and slot not in lane.held:
+            raise RuntimeError(f"{key} of micro-batch {m} from rank {src} was already received")
+        while slot not in lane.held:
+            expected = lane.advance()
+            lane.held[expected] = self._recv(src, expected)
+        return lane.held.pop(slot)
+
+    def _send(self, value: Any, dst: int, slot: tuple[int, int]) -> None:
         header = torch.zeros(_HEADER, dtype=torch.int64)
+        header[4:6] = torch.tensor(slot)
         payload = None
         if value is None:
             header[0] = _NONE
-        elif isinstance(value, torch.Tensor) and value.dim() <= _HEADER - 4 and value.dtype in _DTYPES:
+        elif isinstance(value, torch.Tensor) and value.dim() <= _HEADER - 6 and value.dtype in _DTYPES:
             header[:4] = torch.tensor([_TENSOR, _DTYPES.index(value.dtype), int(value.requires_grad), value.dim()])
-            header[4:4 + value.dim()] = torch.tensor(value.shape, dtype=torch.int64)
+            header[6:6 + value.dim()] = torch.tensor(value.shape, dtype=torch.int64)
             payload = value.detach().contiguous()
         else:
             payload = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8).to(self.device)
-            header[0], header[4] = _OBJECT, payload.numel()
+            header[0], header[6] = _OBJECT, payload.numel()
         header = header.to(self.device)
-        self._sends.append((dist.isend(header, dst, tag=tag), header))
+        self._sends.append((dist.isend(header, dst), header))
         if payload is not None:
-            self._sends.append((dist.isend(payload, dst, tag=tag + 1), payload))
+            self._sends.append((dist.isend(payload, dst), payload))
 
-    def _recv(self, src: int, tag: int) -> Any:
+    def _recv(self, src: int, slot: tuple[int, int]) -> Any:
         header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-        self._wait(dist.irecv(header, src, tag=tag))
+        self._wait(dist.irecv(header, src))
         header = header.cpu()
+        if tuple(header[4:6].tolist()) != slot:
+            raise RuntimeError(f"rank {src} sent message {tuple(header[4:6].tolist())} where {slot} "
+                               "(micro-batch, position) was expected: the ranks disagree on the wiring")
         kind = int(header[0])
         if kind == _NONE:
             return None
         if kind == _OBJECT:
-            payload = torch.empty(int(header[4]), dtype=torch.uint8, device=self.device)
-            self._wait(dist.irecv(payload, src, tag=tag + 1))
+            payload = torch.empty(int(header[6]), dtype=torch.uint8, device=self.device)
+            self._wait(dist.irecv(payload, src))
             return pickle.loads(payload.cpu().numpy().tobytes())
         ndim = int(header[3])
-        value = torch.empty(header[4:4 + ndim].tolist(), dtype=_DTYPES[int(header[1])], device=self.device)
-        self._wait(dist.irecv(value, src, tag=tag + 1))
+        value = torch.empty(header[6:6 + ndim].tolist(), dtype=_DTYPES[int(header[1])], device=self.device)
+        self._wait(dist.irecv(value, src))
         return value.requires_grad_(bool(header[2]))
 
     def _wait(self, work: Any) -> None:

@@ -12,7 +12,7 @@ files that need neither:
   unsafe unpickling) and returns the program's module. Anyone can load it without
   fxrelay: ``torch.export.load(path).module()``.
 * **trained** (transformed) models, to any other path (``.pt``): the state dict plus a
-  :class:`ModelRecipe` of plain values (the zoo model name and the transform settings), in a
+  :class:`ModelSpec` of plain values (the zoo model name and the transform settings), in a
   dict that ``torch.load(path, weights_only=True)`` reads. :func:`load` rebuilds the model
   from the recipe and loads the state dict with ``strict=True``: heads included, so
   training can go on. For a model of your own, the recipe's ``model`` is ``""`` and
@@ -20,7 +20,7 @@ files that need neither:
 
 Example:
     >>> import torch, fxrelay
-    >>> recipe = fxrelay.ModelRecipe("tv:resnet18", "relay", model_kwargs={"num_classes": 10},
+    >>> recipe = fxrelay.ModelSpec("tv:resnet18", "relay", model_kwargs={"num_classes": 10},
     ...                         input_shape=(3, 64, 64))
     >>> model = recipe.build()                                  # then train it
     >>> path = fxrelay.save(model, "/tmp/r18_relay.pt", recipe=recipe)
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import warnings
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -48,11 +49,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..passes.rewrite import is_transformed, transform
+from ..core.plan import Plan
+from ..passes.rewrite import is_transformed, plan_of, transform
 from ..passes.tracing import default_example_input
 from .zoo import load_model
 
-__all__ = ["FORMAT", "EXPORT_SUFFIX", "ModelRecipe", "save", "load"]
+__all__ = ["FORMAT", "EXPORT_SUFFIX", "ModelSpec", "save", "load"]
+
+_RENAMED = {"ModelRecipe": "ModelSpec"}  # reason: deprecated names (training has the other recipe, Recipe)
 
 FORMAT = "fxrelay.trained/1"
 EXPORT_SUFFIX = ".pt2"
@@ -68,11 +72,11 @@ def _traced_input_shape(model: nn.Module) -> tuple[int, ...] | None:
 
 
 @dataclass(frozen=True)
-class ModelRecipe:
+class ModelSpec:
     """How to rebuild a transformed model: plain values only, so a file can hold it safely.
 
     Attributes:
-        model: a timm name or ``tv:NAME`` (see :mod:`fxrelay.apps.zoo`); ``""`` for a model of
+        model: a timm name or ``tv:NAME`` (see :mod:`fxrelay.io.zoo`); ``""`` for a model of
             your own, passed to :meth:`build` / :func:`load` as ``model=``.
         mode: the :func:`fxrelay.transform` mode.
         model_kwargs: the model constructor's arguments (``{"num_classes": 10}``).
@@ -99,7 +103,7 @@ class ModelRecipe:
                 value :func:`fxrelay.transform` rejects.
         """
         if (model is None) == (not self.model):
-            raise ValueError(f"ModelRecipe(model={self.model!r}) needs model=... exactly when it names no zoo model")
+            raise ValueError(f"ModelSpec(model={self.model!r}) needs model=... exactly when it names no zoo model")
         if model is None:
             model = load_model(self.model, **self.model_kwargs)
         example = torch.randn(1, *self.input_shape) if self.input_shape else None
@@ -117,19 +121,28 @@ class ModelRecipe:
         return values
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelRecipe:
+    def from_dict(cls, values: dict[str, Any]) -> ModelSpec:
         """The inverse of :meth:`to_dict`."""
         shape = values.get("input_shape")
         return cls(**{**values, "input_shape": tuple(shape) if shape is not None else None})
 
 
-def save(model: nn.Module, path: str | Path, *, recipe: ModelRecipe | None = None,
+def __getattr__(name: str) -> Any:
+    """Deprecated names, with a warning naming the new one."""
+    if name in _RENAMED:
+        warnings.warn(f"fxrelay.{name} is renamed fxrelay.{_RENAMED[name]} (the training recipe is fxrelay's "
+                      f"Recipe); use {_RENAMED[name]}", DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def save(model: nn.Module, path: str | Path, *, recipe: ModelSpec | None = None,
          example_input: torch.Tensor | None = None) -> Path:
     """Write ``model`` so that :func:`load` (and ``weights_only=True`` loading) reads it back.
 
     Args:
         model: a deployed or plain model for a ``.pt2`` path; a model from
-            :func:`fxrelay.transform` (or :meth:`ModelRecipe.build`) for any other path.
+            :func:`fxrelay.transform` (or :meth:`ModelSpec.build`) for any other path.
         path: the file; its folder is created.
         recipe: required for a transformed model: how :func:`load` rebuilds it.
         example_input: ``.pt2`` only: an input batch fixing every dimension but the batch
@@ -140,12 +153,13 @@ def save(model: nn.Module, path: str | Path, *, recipe: ModelRecipe | None = Non
 
     Raises:
         ValueError: a transformed model to ``.pt2`` (deploy it first), a plain model to
-            another suffix, or a missing or unstorable recipe.
+            another suffix, or a missing or unstorable recipe, or one that does not rebuild
+            the model's plan (stages, heads, windows, weights, kinds, mode, recompute).
     """
     path = Path(path)
     if path.suffix == EXPORT_SUFFIX:
         if is_transformed(model):
-            raise ValueError(f"{path}: a transformed model is saved with a ModelRecipe to a .pt path; for "
+            raise ValueError(f"{path}: a transformed model is saved with a ModelSpec to a .pt path; for "
                              f"a {EXPORT_SUFFIX} file deploy it first: fxrelay.save(fxrelay.deploy(model), ...)")
         program = _export(model, example_input)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,12 +168,48 @@ def save(model: nn.Module, path: str | Path, *, recipe: ModelRecipe | None = Non
     if not is_transformed(model):
         raise ValueError(f"{path}: a deployed or plain model is saved with torch.export to a {EXPORT_SUFFIX} path")
     if recipe is None:
-        raise ValueError(f"{path}: saving a transformed model needs recipe=fxrelay.ModelRecipe(model_name, mode, ...), "
+        raise ValueError(f"{path}: saving a transformed model needs recipe=fxrelay.ModelSpec(model_name, mode, ...), "
                          "the settings load() rebuilds it from")
-    payload = {"format": FORMAT, "recipe": recipe.to_dict(), "state_dict": model.state_dict()}
+    values = recipe.to_dict()
+    difference = _plan_difference(plan_of(model), plan_of(_rebuild(recipe, model)))
+    if difference:
+        raise ValueError(f"{path}: the recipe does not rebuild this model ({difference}); give the recipe the "
+                         "mode and transform_kwargs the model was transformed with")
+    payload = {"format": FORMAT, "recipe": values, "state_dict": model.state_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
     return path
+
+
+def _rebuild(recipe: ModelSpec, model: nn.Module) -> nn.Module:
+    """What ``recipe`` builds; a recipe naming no zoo model is applied to ``model``'s traced graph."""
+    if recipe.model:
+        return recipe.build()
+    traced = plan_of(model).graph_module
+    training = traced.training
+    try:
+        return recipe.build(traced)
+    finally:
+        traced.train(training)
+
+
+def _recompute(plan: Plan) -> bool:
+    """Whether the model recomputes its stages in backward (``transform(checkpoint=True)``)."""
+    return plan.checkpoint
+
+
+def _plan_difference(saved: Plan, rebuilt: Plan) -> str:
+    """The first setting in which ``rebuilt`` differs from ``saved`` (``""``: none)."""
+    if saved.mode != rebuilt.mode:
+        return f"mode {saved.mode!r}, the recipe's {rebuilt.mode!r}"
+    if _recompute(saved) != _recompute(rebuilt):
+        return f"recompute {_recompute(saved)}, the recipe's {_recompute(rebuilt)}"
+    if [s.nodes for s in saved.stages] != [s.nodes for s in rebuilt.stages]:
+        return f"{len(saved.stages)} stages, the recipe's {len(rebuilt.stages)} with other boundaries"
+    heads = [[(h.stage, h.window, h.weight, h.kind) for h in p.heads] for p in (saved, rebuilt)]
+    if heads[0] != heads[1]:
+        return f"heads (stage, window, weight, kind) {heads[0]}, the recipe's {heads[1]}"
+    return ""
 
 
 def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
@@ -185,7 +235,7 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     payload = torch.load(path, weights_only=True, map_location="cpu")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a trained model written by fxrelay.save (no format {FORMAT!r})")
-    built = ModelRecipe.from_dict(payload["recipe"]).build(model)
+    built = ModelSpec.from_dict(payload["recipe"]).build(model)
     built.load_state_dict(payload["state_dict"], strict=True)
     return built
 

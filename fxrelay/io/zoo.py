@@ -1,6 +1,6 @@
 """Models by name: timm names (``resnet50``) and torchvision ones (``tv:resnet18``), random weights.
 
-The command line, the demo, :class:`fxrelay.ModelRecipe` and the examples build models
+The command line, the demo, :class:`fxrelay.ModelSpec` and the examples build models
 here. Importing this module is cheap: timm, torchvision and torch are imported by the
 functions that need them (``fxrelay --help`` must not wait for them).
 
@@ -44,7 +44,7 @@ def check_model_name(name: str) -> None:
         >>> check_model_name("resnet_10t")
         Traceback (most recent call last):
         ...
-        fxrelay.apps.zoo.UnknownModelError: unknown model 'resnet_10t'; did you mean resnet10t, ...
+        fxrelay.io.zoo.UnknownModelError: unknown model 'resnet_10t'; did you mean resnet10t, ...
     """
     if _torchvision_name(name) is not None:
         return

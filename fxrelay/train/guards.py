@@ -3,6 +3,10 @@
 A global optimizer step pre-hook warns, once per model, when the aux heads of a
 transformed model get gradients but no optimizer steps them (the optimizer was built
 before :func:`fxrelay.transform`, so relay's lower stages would learn from random heads).
+Importing this module subscribes :func:`watch_heads` to every transform
+(:mod:`fxrelay.core.events`); the hook is registered with the first transformed model, so
+``import fxrelay`` touches no optimizer (``fxrelay.transform`` reached through the
+package imports this module first).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
+
+from ..core.events import on_transform
 
 __all__ = ["watch_heads"]
 
@@ -23,6 +30,9 @@ _live_models: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 def watch_heads(model: nn.Module) -> None:
     """Check, from the second step of any optimizer that trains ``model``'s stages on, that some
     optimizer also steps its aux heads."""
+    global _hook
+    if _hook is None:
+        _hook = register_optimizer_step_pre_hook(_step_pre_hook)
     _live_models.add(model)
 
 
@@ -47,4 +57,5 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> 
 
 _steps: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
 _warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-register_optimizer_step_pre_hook(_step_pre_hook)
+_hook: RemovableHandle | None = None
+on_transform(watch_heads)

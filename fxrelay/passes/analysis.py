@@ -13,7 +13,8 @@ or not the model has pooling ops. The result, per node:
   (``None`` for non-spatial tensors such as logits or pooled vectors);
 * ``level``: the resolution level the node computes at (measured, else inherited);
 * ``bytes`` of its output and, with ``memory=True``, ``saved_bytes``: what a training
-  step saves for backward in it (one more meta pass, in train mode, with autograd on).
+  step saves for backward in it (counted during the first propagation, which then runs
+  with autograd on: :mod:`fxrelay.passes.saved`).
 
 Example:
     >>> import torchvision, fxrelay
@@ -39,7 +40,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import flop_registry
 
 from ..core._compat import BatchNormBase, DropoutBase, TorchDispatchMode, tree_flatten, tree_map
-from ..core.modules import training_mode
+from .saved import SavedCounter, meta_training_state, saved_bytes_per_sample, training_but_batch_norm
 from .tracing import ExampleInput, as_inputs
 
 __all__ = ["NodeInfo", "Analysis", "analyse", "owned_parameters", "data_dependent_nodes", "saved_bytes_per_sample"]
@@ -119,7 +120,7 @@ def analyse(gm: fx.GraphModule, example_input: ExampleInput, *, memory: bool = F
     """
     inputs = as_inputs(example_input)
     batch = max(2, inputs[0].shape[0]) if inputs[0].dim() else 1  # reason: train-mode BN needs 2
-    first = _propagate(gm, inputs, batch, 1)
+    first = _propagate(gm, inputs, batch, 1, count_saved=memory)
     second = None
     if _image_input(inputs) is not None:
         try:
@@ -127,7 +128,7 @@ def analyse(gm: fx.GraphModule, example_input: ExampleInput, *, memory: bool = F
         except Exception:  # noqa: BLE001  (reason: fixed-size models such as ViT)
             second = None
     size = _image_input(inputs)
-    saved = _saved_bytes(gm, inputs, batch) if memory else {}
+    saved = first.counter.bytes if first.counter is not None else _saved_bytes(gm, inputs, batch) if memory else {}
     info = _node_info(gm, first, second, size, batch, saved)
     for node in gm.graph.nodes:
         node.meta["fxrelay"] = info[node.name]
@@ -183,19 +184,26 @@ class _FlopCounter(TorchDispatchMode):
 
 
 class _MetaPropagator(fx.Interpreter):
-    """Runs a graph on meta tensors (or real ones), recording every value's shape and its FLOPs."""
+    """Runs a graph on meta tensors (or real ones), recording every value's shape and its FLOPs and,
+    with a ``counter``, the bytes each node saves for backward. On meta tensors shape-preserving
+    modules are not run (``shortcut``): their output is a new tensor like their input, and the
+    counter replays what they save (see :meth:`SavedCounter.replay`)."""
 
-    def __init__(self, gm: fx.GraphModule, count_flops: bool, meta: bool = True):
+    def __init__(self, gm: fx.GraphModule, count_flops: bool, meta: bool = True,
+                 counter: SavedCounter | None = None, shortcut: bool = True):
         super().__init__(gm)
-        self.count_flops, self.meta = count_flops, meta
+        self.count_flops, self.meta, self.counter, self.shortcut = count_flops, meta, counter, shortcut
         self.values: dict[str, Any] = {}
         self.flops: dict[str, int] = {}
+        self.steps = 1
 
     def run_node(self, n: fx.Node) -> Any:
+        if self.counter is not None:
+            self.counter.key = n.name
         if self.count_flops and _may_cost_flops(n, self.module):
             with _FlopCounter() as counter:
                 value = super().run_node(n)
-            self.flops[n.name] = counter.total
+            self.flops[n.name], self.steps = counter.total * self.steps, 1
         else:
             value = super().run_node(n)
         # reason: real runs must not keep every activation
@@ -204,9 +212,29 @@ class _MetaPropagator(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
-        if self.meta and _is_shape_preserving(module) and args and isinstance(args[0], torch.Tensor):
-            return torch.empty_like(args[0])
+        if self.meta and self.shortcut and _is_shape_preserving(module) and args and isinstance(args[0], torch.Tensor):
+            return self.counter.replay(module, args) if self.counter is not None else torch.empty_like(args[0])
+        if self.meta and self.shortcut and isinstance(module, nn.RNNBase) and args and args[0].dim() == 3:
+            return self._one_step(target, args, kwargs)
         return super().call_module(target, args, kwargs)
+
+    def _one_step(self, target: str, args: tuple, kwargs: dict) -> Any:
+        """A recurrent layer run on its first time step, with its output, FLOPs and saved bytes scaled
+        to the sequence (on meta tensors every step is a Python decomposition: sequencer2d took 16 s)."""
+        x, module = args[0], self.fetch_attr(target)
+        dim = 1 if module.batch_first else 0
+        self.steps = x.shape[dim]
+        input_seen = self.counter is None or x.untyped_storage() in self.counter.seen
+        before = self.counter.bytes.get(self.counter.key, 0) if self.counter is not None else 0
+        out, hidden = super().call_module(target, (x.narrow(dim, 0, 1), *args[1:]), kwargs)
+        if self.counter is not None:
+            own = x.untyped_storage().nbytes() if not input_seen else 0  # reason: the whole input, saved once
+            step = self.counter.bytes.get(self.counter.key, 0) - before - own
+            self.counter.bytes[self.counter.key] = before + own + step * self.steps
+        shape = list(out.shape)
+        shape[dim] = self.steps
+        full = out.new_empty(shape)
+        return (full.requires_grad_().clone() if out.requires_grad else full), hidden
 
     def call_function(self, target, args, kwargs):
         return super().call_function(target, *self._on_meta(args, kwargs))
@@ -222,8 +250,8 @@ class _MetaPropagator(fx.Interpreter):
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
-        # reason: tensor constants fx stored on the module are not in the state dict
-        return _shape_only(value) if self.meta else value
+        # reason: tensor constants fx stored on the module are not in the state dict; parameters are meta already
+        return _shape_only(value) if self.meta and not (isinstance(value, torch.Tensor) and value.is_meta) else value
 
 
 def _meta_device(value: Any) -> Any:
@@ -256,29 +284,46 @@ def _may_cost_flops(n: fx.Node, root: nn.Module) -> bool:
 
 
 def _propagate(gm: fx.GraphModule, inputs: tuple, batch: int, scale: int,
-               count_flops: bool = True) -> _MetaPropagator:
-    """Run ``gm`` on meta tensors, with meta as the default device when forward makes
-    tensors (rotary tables, masks), else on real ones if some op needs values."""
+               count_flops: bool = True, count_saved: bool = False) -> _MetaPropagator:
+    """Run ``gm`` on meta tensors (counting saved bytes if asked and if it can), with meta as the
+    default device when forward makes tensors (rotary tables, masks), else on real ones if some op
+    needs values."""
     meta_inputs = _resized(inputs, batch, scale, "meta")
-    for meta, device in ((True, None), (True, "meta")):  # reason: the device mode slows every op; only if needed
+    # reason: the device mode slows every op; only if needed
+    for device, saved in ((None, True),) * count_saved + ((None, False), ("meta", False)):
         try:
-            return _run(gm, meta_inputs, meta, device, count_flops)
+            return _run_meta(gm, meta_inputs, device, count_flops, saved)
         except Exception:  # noqa: BLE001  (reason: cpu tensors made in forward, .item(), data-dependent leaves)
             pass
-    return _run(gm, _resized(inputs, batch, scale, inputs[0].device), False, None, count_flops)
+    state = {k: v.clone() for k, v in gm.named_buffers()}  # reason: train-mode BN must not update the model's
+    prop = _MetaPropagator(gm, count_flops, meta=False)
+    with torch.no_grad():
+        _run_with_state(gm, state, prop.run, _resized(inputs, batch, scale, inputs[0].device))
+    return prop
 
 
-def _run(gm: fx.GraphModule, inputs: tuple, meta: bool, device: str | None, count_flops: bool) -> _MetaPropagator:
-    if meta:
-        tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}  # reason: non-persistent too
-        state = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
-    else:  # reason: train-mode BN must not update the model's running statistics
-        state = {k: v.clone() for k, v in gm.named_buffers()}
-    prop = _MetaPropagator(gm, count_flops, meta)
+def _run_meta(gm: fx.GraphModule, inputs: tuple, device: str | None, count_flops: bool, count_saved: bool,
+              shortcut: bool = True) -> _MetaPropagator:
+    params, state = meta_training_state(gm)  # reason: buffers too, non-persistent ones included
+    counter = SavedCounter(params.values()) if count_saved else None
+    prop = _MetaPropagator(gm, count_flops, True, counter, shortcut)
     default_device = torch.device(device) if device else contextlib.nullcontext()
-    with torch.no_grad(), default_device:
+    # reason: a step saves what modules save in training (the shortcut modules' replay runs them so too)
+    hooks, mode = (counter.hooks(), training_but_batch_norm(gm)) if counter is not None \
+        else (contextlib.nullcontext(), contextlib.nullcontext())
+    with torch.set_grad_enabled(count_saved), hooks, mode, default_device:
         _run_with_state(gm, state, prop.run, inputs)
     return prop
+
+
+def _saved_bytes(gm: fx.GraphModule, inputs: tuple, batch: int) -> dict[str, int]:
+    """Saved bytes per node from a pass of their own, every module run in train mode (batch norms on their
+    eval kernel), where counting during the shape propagation failed; {} if the model cannot run on meta."""
+    try:
+        prop = _run_meta(gm, _resized(inputs, batch, 1, "meta"), None, False, True, shortcut=False)
+    except Exception:  # noqa: BLE001  (reason: models that need values or real devices get no estimate)
+        return {}
+    return prop.counter.bytes
 
 
 class _Runner(nn.Module):
@@ -295,87 +340,6 @@ class _Runner(nn.Module):
 def _run_with_state(gm: fx.GraphModule, state: dict[str, torch.Tensor], run: Callable, inputs: tuple) -> Any:
     """``run(*inputs)`` with ``gm``'s parameters and buffers replaced by ``state``."""
     return functional_call(_Runner(gm, run), {f"gm.{k}": v for k, v in state.items()}, inputs)
-
-
-class _SavedBytes:
-    """Bytes of the distinct storages saved for backward while its hooks are on, by ``key``."""
-
-    def __init__(self, exclude: Iterable[torch.Tensor]):
-        self.seen = {t.untyped_storage() for t in exclude}  # reason: weights are not activations
-        self.bytes: dict[str, int] = {}
-        self.key = ""
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage not in self.seen:
-            self.seen.add(storage)
-            self.bytes[self.key] = self.bytes.get(self.key, 0) + storage.nbytes()
-        return tensor
-
-    def hooks(self) -> Any:
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-
-
-class _PerNode(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, counter: _SavedBytes):
-        super().__init__(gm)
-        self.counter = counter
-
-    def run_node(self, n: fx.Node) -> Any:
-        self.counter.key = n.name
-        return super().run_node(n)
-
-
-def _meta_training_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    params = {k: torch.empty_like(v, device="meta").requires_grad_(v.is_floating_point())
-              for k, v in module.named_parameters()}
-    return params, {**params, **{k: torch.empty_like(v, device="meta") for k, v in module.named_buffers()}}
-
-
-@contextlib.contextmanager
-def _training_but_batch_norm(module: nn.Module) -> Iterator[None]:
-    """``module`` in train mode for the block, but its batch norms that keep running statistics.
-
-    Train- and eval-mode batch norm save the same bytes for backward (the input and two
-    per-channel vectors); on meta tensors the eval kernel is fast and the train one is a
-    Python decomposition (resnet50's pass: 0.071 s -> 0.035 s, densenet121's 0.40 -> 0.09 s).
-    """
-    with training_mode(module, True):
-        for m in module.modules():
-            if isinstance(m, BatchNormBase) and m.track_running_stats:
-                m.training = False
-        yield
-
-
-def _saved_bytes(gm: fx.GraphModule, inputs: tuple, batch: int) -> dict[str, int]:
-    """Per node, the bytes a train-mode step saves for backward there (meta tensors; {} if the model
-    cannot run on them)."""
-    params, state = _meta_training_state(gm)
-    counter = _SavedBytes(params.values())
-    try:
-        with _training_but_batch_norm(gm), torch.enable_grad(), counter.hooks():
-            _run_with_state(gm, state, _PerNode(gm, counter).run, _resized(inputs, batch, 1, "meta"))
-    except Exception:  # noqa: BLE001  (reason: models that need values or real devices get no estimate)
-        return {}
-    return counter.bytes
-
-
-def saved_bytes_per_sample(module: nn.Module, sample_shape: tuple[int, ...]) -> int:
-    """Bytes per sample that ``module`` saves for backward in train mode, besides its input (which
-    the layer producing it usually saves already); meta tensors, 0 if it cannot run on them.
-
-    >>> saved_bytes_per_sample(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), (4,))  # relu(.)
-    32
-    """
-    params, state = _meta_training_state(module)
-    x = torch.empty(2, *sample_shape, device="meta")
-    counter = _SavedBytes([*params.values(), x])
-    try:
-        with _training_but_batch_norm(module), torch.enable_grad(), counter.hooks():
-            functional_call(module, state, (x,))
-    except Exception:  # noqa: BLE001  (reason: see _saved_bytes)
-        return 0
-    return sum(counter.bytes.values()) // 2
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:

@@ -40,7 +40,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import flop_registry
 
 from ..core._compat import BatchNormBase, DropoutBase, TorchDispatchMode, tree_flatten, tree_map
-from .saved import SavedCounter, meta_training_state, saved_bytes_per_sample, training_but_batch_norm
+from .saved import SavedCounter, meta_like, meta_training_state, saved_bytes_per_sample, training_but_batch_norm
 from .tracing import ExampleInput, as_inputs
 
 __all__ = ["NodeInfo", "Analysis", "analyse", "owned_parameters", "data_dependent_nodes", "saved_bytes_per_sample"]
@@ -56,6 +56,7 @@ _FLOP_FREE_FUNCTIONS = frozenset({
     torch.stack, torch.reshape, torch.permute, torch.transpose, torch.add, torch.mul, torch.sigmoid,
     torch.relu, torch.chunk, torch.split, torch.narrow, torch.squeeze, torch.unsqueeze,
 })
+_SUMS = frozenset({operator.add, operator.sub, torch.add, torch.sub})
 _FLOP_METHODS = ("matmul", "mm", "bmm", "linear", "conv", "einsum", "attention", "baddbmm", "addmm")
 
 
@@ -237,6 +238,9 @@ class _MetaPropagator(fx.Interpreter):
         return (full.requires_grad_().clone() if out.requires_grad else full), hidden
 
     def call_function(self, target, args, kwargs):
+        if self.meta and self.shortcut and target in _SUMS and not kwargs and len(args) == 2 and _same_layout(*args):
+            # reason: a residual sum saves nothing and keeps the layout; its meta kernel is Python
+            return meta_like(args[0], args[0].requires_grad or args[1].requires_grad)
         return super().call_function(target, *self._on_meta(args, kwargs))
 
     def call_method(self, target, args, kwargs):
@@ -252,6 +256,11 @@ class _MetaPropagator(fx.Interpreter):
         value = super().get_attr(target, args, kwargs)
         # reason: tensor constants fx stored on the module are not in the state dict; parameters are meta already
         return _shape_only(value) if self.meta and not (isinstance(value, torch.Tensor) and value.is_meta) else value
+
+
+def _same_layout(a: Any, b: Any) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_meta and b.is_meta \
+        and a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
 
 
 def _meta_device(value: Any) -> Any:

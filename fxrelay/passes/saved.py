@@ -28,7 +28,7 @@ from torch.func import functional_call
 from ..core._compat import BatchNormBase
 from ..core.modules import training_mode
 
-__all__ = ["SavedCounter", "training_but_batch_norm", "meta_training_state", "saved_bytes_per_sample"]
+__all__ = ["SavedCounter", "meta_like", "training_but_batch_norm", "meta_training_state", "saved_bytes_per_sample"]
 
 
 class SavedCounter:
@@ -72,7 +72,7 @@ class SavedCounter:
         if signature not in self._recorded:
             self._recorded[signature] = self._record(module, args)
         in_place, requires_grad, saved_args, saves_output, other = self._recorded[signature]
-        out = args[0] if in_place else _like(args[0], requires_grad)
+        out = args[0] if in_place else meta_like(args[0], requires_grad)
         for i in saved_args:
             self.add(args[i].untyped_storage())
         if saves_output:
@@ -81,7 +81,7 @@ class SavedCounter:
         return out
 
     def _record(self, module: nn.Module, args: tuple) -> tuple:
-        fresh = tuple(_like(a) if isinstance(a, torch.Tensor) else a for a in args)
+        fresh = tuple(meta_like(a) if isinstance(a, torch.Tensor) else a for a in args)
         packed: list[torch.Tensor] = []
         with training_but_batch_norm(module), \
                 torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
@@ -95,7 +95,7 @@ class SavedCounter:
         return in_place, out.requires_grad, saved_args, output in storages and not in_place, other
 
 
-def _like(tensor: torch.Tensor, requires_grad: bool | None = None) -> torch.Tensor:
+def meta_like(tensor: torch.Tensor, requires_grad: bool | None = None) -> torch.Tensor:
     """A new meta tensor like ``tensor``; one that requires grad is no leaf, so that in-place ops on it
     are allowed as on the activation it stands for."""
     grad = tensor.requires_grad if requires_grad is None else requires_grad

@@ -6,6 +6,6 @@ __all__ = ["MODES", "HEAD_KINDS", "BOUNDARIES", "BALANCES", "LEVELS", "FORMATS"]
 MODES = ("relay", "greedy", "deep", "standard")
 HEAD_KINDS = ("auto", "linear", "layercnn", "dgl")
 BOUNDARIES = ("auto", "pool", "blocks")
-BALANCES = ("flops", "memory")
+BALANCES = ("auto", "flops", "memory", "recompute")
 LEVELS = ("stage", "node")
 FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf", ".dot": None, ".gv": None}  # reason: suffix -> graphviz

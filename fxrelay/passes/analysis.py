@@ -78,6 +78,9 @@ class NodeInfo:
         saved_bytes: bytes the node saves for backward in a training step at the analysis
             batch size (activations only, each storage counted once; 0 unless
             ``analyse(..., memory=True)``).
+        reused: storages the node saves too that an earlier node counted: ``(that node, storage
+            number, bytes)`` (a stage's input its first layer saves, counted where it was made).
+        saver: the node that first saves the storage of this node's output ("" if none does).
     """
 
     shape: tuple[int, ...] | None
@@ -88,6 +91,8 @@ class NodeInfo:
     params: int
     reduction: int | None
     level: int
+    reused: tuple[tuple[str, int, int], ...] = ()
+    saver: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,8 +134,8 @@ def analyse(gm: fx.GraphModule, example_input: ExampleInput, *, memory: bool = F
         except Exception:  # noqa: BLE001  (reason: fixed-size models such as ViT)
             second = None
     size = _image_input(inputs)
-    saved = first.counter.bytes if first.counter is not None else _saved_bytes(gm, inputs, batch) if memory else {}
-    info = _node_info(gm, first, second, size, batch, saved)
+    counter = first.counter if first.counter is not None else _saved_bytes(gm, inputs, batch) if memory else None
+    info = _node_info(gm, first, second, size, batch, counter)
     for node in gm.graph.nodes:
         node.meta["fxrelay"] = info[node.name]
     return Analysis(info, batch, second is not None)
@@ -314,7 +319,7 @@ def _propagate(gm: fx.GraphModule, inputs: tuple, batch: int, scale: int,
 def _run_meta(gm: fx.GraphModule, inputs: tuple, device: str | None, count_flops: bool, count_saved: bool,
               shortcut: bool = True) -> _MetaPropagator:
     params, state = meta_training_state(gm)  # reason: buffers too, non-persistent ones included
-    counter = SavedCounter(params.values()) if count_saved else None
+    counter = SavedCounter(state.values()) if count_saved else None  # reason: weights and running statistics
     prop = _MetaPropagator(gm, count_flops, True, counter, shortcut)
     default_device = torch.device(device) if device else contextlib.nullcontext()
     # reason: a step saves what modules save in training (the shortcut modules' replay runs them so too)
@@ -325,14 +330,13 @@ def _run_meta(gm: fx.GraphModule, inputs: tuple, device: str | None, count_flops
     return prop
 
 
-def _saved_bytes(gm: fx.GraphModule, inputs: tuple, batch: int) -> dict[str, int]:
+def _saved_bytes(gm: fx.GraphModule, inputs: tuple, batch: int) -> SavedCounter | None:
     """Saved bytes per node from a pass of their own, every module run in train mode (batch norms on their
-    eval kernel), where counting during the shape propagation failed; {} if the model cannot run on meta."""
+    eval kernel), where counting during the shape propagation failed; None if the model cannot run on meta."""
     try:
-        prop = _run_meta(gm, _resized(inputs, batch, 1, "meta"), None, False, True, shortcut=False)
+        return _run_meta(gm, _resized(inputs, batch, 1, "meta"), None, False, True, shortcut=False).counter
     except Exception:  # noqa: BLE001  (reason: models that need values or real devices get no estimate)
-        return {}
-    return prop.counter.bytes
+        return None
 
 
 class _Runner(nn.Module):
@@ -370,7 +374,9 @@ def owned_parameters(node: fx.Node, root: nn.Module) -> list[nn.Parameter]:
     return []
 
 
-def _node_info(gm, first, second, size, batch, saved) -> dict[str, NodeInfo]:
+def _node_info(gm, first, second, size, batch, counter) -> dict[str, NodeInfo]:
+    saved, reused = (counter.bytes, counter.reused) if counter is not None else ({}, {})
+    owners = counter.owners if counter is not None else {}
     info: dict[str, NodeInfo] = {}
     for n in gm.graph.nodes:
         value = first.values.get(n.name)
@@ -390,6 +396,8 @@ def _node_info(gm, first, second, size, batch, saved) -> dict[str, NodeInfo]:
             level=reduction if reduction is not None else inherited,
             bytes=sum(t.numel() * t.element_size() for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)),
             saved_bytes=saved.get(n.name, 0),
+            reused=tuple(sorted(reused.get(n.name, ()))),
+            saver=owners.get(t1.untyped_storage(), ("",))[0] if t1 is not None and t1.is_meta else "",
         )
     return info
 

@@ -328,6 +328,7 @@ def build_stages(index: CutIndex, bounds: list[int], transitions: list[int]) -> 
                          key=lambda name: (info[name].shape is not None, order[name]))
         main = info[outputs[-1]] if outputs else info[nodes[-1].name]
         params = {id(p): p.numel() for n in nodes for p in owned_parameters(n, gm)}
+        detached, inputs_saved = _detached_saved_bytes(gm, nodes, info)
         stages.append(Stage(
             index=k, name=names[k], nodes=tuple(n.name for n in nodes),
             inputs=tuple(sorted(inputs, key=order.__getitem__)), outputs=tuple(outputs),
@@ -336,8 +337,27 @@ def build_stages(index: CutIndex, bounds: list[int], transitions: list[int]) -> 
             params=sum(params.values()), flops=sum(info[n.name].flops for n in nodes),
             saved_bytes=sum(info[n.name].saved_bytes for n in nodes) // index.analysis.batch,
             boundary_bytes=sum(info[name].bytes for name in outputs) // index.analysis.batch,
+            detached_saved_bytes=detached // index.analysis.batch,
+            input_saved_bytes=inputs_saved // index.analysis.batch,
+            unsaved_output_bytes=0 if main.saver in {n.name for n in nodes} else main.bytes // index.analysis.batch,
         ))
     return tuple(stages)
+
+
+def _detached_saved_bytes(gm: fx.GraphModule, nodes: Sequence[fx.Node], info) -> tuple[int, int]:
+    """Bytes the stage's ``nodes`` save when its inputs do not require grad, and of those, the bytes of
+    storages made outside the stage (its inputs): only nodes with parameters or a grad-requiring input save.
+    """
+    members = {n.name for n in nodes}
+    grad = {n.name for n in nodes if any(p.is_floating_point() for p in owned_parameters(n, gm))}
+    for n in nodes:
+        if any(s.name in grad for s in n.all_input_nodes):
+            grad.add(n.name)
+    own = sum(info[name].saved_bytes for name in grad)
+    # reason: a storage first saved by a node that now saves nothing, or made outside, counts for its next saver
+    inside = {r for name in grad for r in info[name].reused if r[0] in members and r[0] not in grad}
+    outside = {r for name in grad for r in info[name].reused if r[0] not in members}
+    return own + sum(r[2] for r in inside) + sum(r[2] for r in outside), sum(r[2] for r in outside)
 
 
 def stage_names(stages: Sequence[Sequence[fx.Node]], info) -> list[str]:

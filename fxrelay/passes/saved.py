@@ -1,7 +1,7 @@
 """Bytes a training step saves for backward, counted on meta tensors while shapes propagate.
 
 :class:`SavedCounter` counts, per fx node, the distinct storages autograd saves for
-backward (parameters excluded: they exist anyway). The analysis's first shape propagation
+backward (parameters and buffers excluded: they exist anyway). The analysis's first shape propagation
 runs with autograd on and this counter's hooks, so the saved bytes come with the shapes
 in one pass. Shape-preserving modules (norms, activations, dropout) are not run there:
 :meth:`SavedCounter.replay` runs the first module of each kind and input signature once
@@ -35,7 +35,7 @@ class SavedCounter:
     """Bytes of the distinct storages saved for backward while its hooks are on, by :attr:`key`.
 
     Args:
-        exclude: tensors whose storages do not count (the parameters).
+        exclude: tensors whose storages do not count (parameters and buffers: they exist anyway).
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor]):
@@ -43,14 +43,20 @@ class SavedCounter:
         self.seen = set(self.excluded)  # reason: weights are not activations
         self.bytes: dict[str, int] = {}
         self.key = ""
+        self.owners: dict[torch.UntypedStorage, tuple[str, int]] = {}
+        self.reused: dict[str, set[tuple[str, int, int]]] = {}
         self._recorded: dict[tuple, tuple] = {}
         self._kinds: dict[int, tuple[type, str]] = {}
 
     def add(self, storage: torch.UntypedStorage) -> None:
-        """Count ``storage`` for the current key, once in all."""
+        """Count ``storage`` for the current key, once in all; a storage an earlier key counted goes to
+        :attr:`reused`: ``(that key, its storage number, bytes)`` per key saving it again."""
         if storage not in self.seen:
             self.seen.add(storage)
+            self.owners[storage] = (self.key, len(self.owners))
             self.add_bytes(storage.nbytes())
+        elif storage in self.owners and self.owners[storage][0] != self.key:
+            self.reused.setdefault(self.key, set()).add((*self.owners[storage], storage.nbytes()))
 
     def add_bytes(self, nbytes: int) -> None:
         self.bytes[self.key] = self.bytes.get(self.key, 0) + nbytes
@@ -129,7 +135,7 @@ def saved_bytes_per_sample(module: nn.Module, sample_shape: tuple[int, ...]) -> 
     the layer producing it usually saves already); meta tensors, 0 if it cannot run on them."""
     params, state = meta_training_state(module)
     x = torch.empty(2, *sample_shape, device="meta")
-    counter = SavedCounter([*params.values(), x])
+    counter = SavedCounter([*state.values(), x])
     try:
         with training_but_batch_norm(module), torch.enable_grad(), counter.hooks():
             functional_call(module, state, (x,))

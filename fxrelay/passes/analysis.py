@@ -1,20 +1,18 @@
 """Pass 2: shapes, cost and structure of a traced graph.
 
 :func:`analyse` propagates meta tensors (no compute, the model is untouched) through a
-GraphModule twice, at the example input's size and at twice that size; a model with
-ops that need values (``.item()`` in a leaf) runs on seeded random data instead, on
-copies of its buffers. A dimension
-that doubles with the input is spatial; that is how resolution levels are found from
-shapes alone, whatever the layout (NCHW, NHWC, tokens with class tokens) and whether
-or not the model has pooling ops. The result, per node:
+GraphModule twice, at the example input's size and at twice that size; a model with ops
+that need values (``.item()`` in a leaf) runs on seeded random data instead, on copies of
+its buffers. A dimension that doubles with the input is spatial; that is how resolution
+levels are found from shapes alone, whatever the layout (NCHW, NHWC, tokens with class
+tokens) and whether or not the model has pooling ops. The result, per node:
 
 * ``shape``/``dtype`` of the output, ``flops`` per sample, ``params`` owned;
 * ``reduction``: measured spatial downsampling factor of the output vs the input
   (``None`` for non-spatial tensors such as logits or pooled vectors);
 * ``level``: the resolution level the node computes at (measured, else inherited);
-* ``bytes`` of its output and, with ``memory=True``, ``saved_bytes``: what a training
-  step saves for backward in it (counted during the first propagation, which then runs
-  with autograd on: :mod:`fxrelay.passes.saved`).
+* ``bytes`` of its output and, with ``memory=True``, ``saved_bytes``: what a training step
+  saves for backward in it (counted during the first propagation: :mod:`fxrelay.passes.saved`).
 
 Example:
     >>> import torchvision, fxrelay
@@ -225,21 +223,18 @@ class _MetaPropagator(fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
     def _one_step(self, target: str, args: tuple, kwargs: dict) -> Any:
-        """A recurrent layer run on its first time step, with its output, FLOPs and saved bytes scaled
-        to the sequence (on meta tensors every step is a Python decomposition: sequencer2d took 16 s)."""
+        """A recurrent layer run on its first time step, its output, FLOPs and saved bytes scaled to the
+        sequence (the input saved once), since on meta every step decomposes in Python (sequencer2d: 16 s)."""
         x, module = args[0], self.fetch_attr(target)
         dim = 1 if module.batch_first else 0
         self.steps = x.shape[dim]
-        input_seen = self.counter is None or x.untyped_storage() in self.counter.seen
+        own = 0 if self.counter is None or x.untyped_storage() in self.counter.seen else x.untyped_storage().nbytes()
         before = self.counter.bytes.get(self.counter.key, 0) if self.counter is not None else 0
         out, hidden = super().call_module(target, (x.narrow(dim, 0, 1), *args[1:]), kwargs)
         if self.counter is not None:
-            own = x.untyped_storage().nbytes() if not input_seen else 0  # reason: the whole input, saved once
             step = self.counter.bytes.get(self.counter.key, 0) - before - own
             self.counter.bytes[self.counter.key] = before + own + step * self.steps
-        shape = list(out.shape)
-        shape[dim] = self.steps
-        full = out.new_empty(shape)
+        full = out.new_empty((*out.shape[:dim], self.steps, *out.shape[dim + 1:]))
         return (full.requires_grad_().clone() if out.requires_grad else full), hidden
 
     def call_function(self, target, args, kwargs):
@@ -331,8 +326,7 @@ def _run_meta(gm: fx.GraphModule, inputs: tuple, device: str | None, count_flops
 
 
 def _saved_bytes(gm: fx.GraphModule, inputs: tuple, batch: int) -> SavedCounter | None:
-    """Saved bytes per node from a pass of their own, every module run in train mode (batch norms on their
-    eval kernel), where counting during the shape propagation failed; None if the model cannot run on meta."""
+    """Saved bytes from a pass of their own where counting while propagating failed (None: not on meta)."""
     try:
         return _run_meta(gm, _resized(inputs, batch, 1, "meta"), None, False, True, shortcut=False).counter
     except Exception:  # noqa: BLE001  (reason: models that need values or real devices get no estimate)

@@ -7,7 +7,7 @@ import torchvision
 from timm.models.swin_transformer import SwinTransformer
 
 import fxrelay
-from fxrelay.passes.analysis import _snap, analyse
+from fxrelay.passes.analysis import _saved_bytes, _snap, analyse
 from fxrelay.passes.tracing import as_inputs
 
 X64 = torch.randn(1, 3, 64, 64)
@@ -63,3 +63,25 @@ def test_snap_rounds_to_the_stride_convention():
 def test_as_inputs():
     x = torch.zeros(1)
     assert as_inputs(x) == (x,) and as_inputs([x, x]) == (x, x)
+
+
+class _Recurrent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.lstm(x)[0])
+
+
+def test_recurrent_layer_runs_one_step_with_the_figures_of_all_steps():
+    """On meta tensors an LSTM runs one time step (every step is a Python decomposition there); its
+    output shape, FLOPs and saved bytes equal the full run's."""
+    gm = fxrelay.trace(_Recurrent())
+    x = torch.randn(1, 12, 8)
+    a = analyse(gm, x, memory=True)
+    full = _saved_bytes(gm, (x,), a.batch)  # reason: the pass of its own, every step run
+    assert a.info["lstm"].shape == (2, 12, 16) and a.info["fc"].shape == (2, 12, 4)
+    assert {k: v.saved_bytes for k, v in a.info.items() if v.saved_bytes} == full.bytes
+    assert a.info["lstm"].flops == 2 * 12 * (4 * 16) * (8 + 16)  # reason: 4 gates x (input + hidden) per step

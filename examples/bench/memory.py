@@ -172,8 +172,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
     p.add_argument("--size", type=int, default=224, help="image side in px (default: 224)")
     p.add_argument("--num-stages", type=int, default=None, help="one partition only (default: the default partition and 8)")
-    p.add_argument("--balance", default="memory", choices=BALANCES,
-                   help="how num_stages merges and splits stages (default: memory)")
+    p.add_argument("--balance", default="auto", choices=BALANCES,
+                   help="how num_stages merges and splits stages (default: auto; checkpointed steps: recompute)")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds, round-robin over the variants (default: 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)

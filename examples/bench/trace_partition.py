@@ -1,42 +1,64 @@
 """Benchmark: fxrelay trace + partition vs torchvision's ``create_feature_extractor``.
 
-Both take timm ``resnet50`` (random weights) and return a model split at its
-resolution levels; the anchor, torchvision's feature extractor at timm's
-``feature_info`` nodes, is measured in the same run. Prints the median seconds of
-each over ``--repeats`` runs and the ratio (fxrelay / torchvision; <= 1 is no slower).
+Both take a model (random weights) and return it split at its resolution levels; the
+anchor, torchvision's feature extractor at the model's feature nodes (timm's
+``feature_info``; torchvision ResNets: ``relu``, ``layer1`` .. ``layer4``), is measured in
+the same run, alternating with fxrelay. Prints the median seconds of each over
+``--repeats`` runs and the ratio (fxrelay / torchvision; <= 1 is no slower).
 
 Example:
     $ python examples/bench/trace_partition.py --repeats 5
-    fxrelay trace+partition: 0.094 s  torchvision create_feature_extractor: 0.210 s  ratio 0.45
+    resnet50 @ 224px, median of 5: fxrelay trace+partition: 0.050 s  torchvision create_feature_extractor: 0.066 s  ratio 0.76
 """
 
 from __future__ import annotations
 
 import argparse
 
+import statistics
+import time
+
 import timm
 import torch
+import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import fxrelay
-from timing import median_seconds
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50", help="timm model (default: %(default)s)")
+    parser.add_argument("--models", default="resnet50,tv_resnet50",
+                        help="comma-separated timm models, tv_ for torchvision's (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed runs of each; the median is shown (default: %(default)s)")
     parser.add_argument("--input-size", type=int, default=224, help="image side in px (default: %(default)s)")
     args = parser.parse_args(argv)
-    model = timm.create_model(args.model, pretrained=False).eval()
     x = torch.randn(1, 3, args.input_size, args.input_size)
-    return_nodes = {f["module"]: f"stage{i}" for i, f in enumerate(model.feature_info)}
-    ours = median_seconds(lambda: fxrelay.partition(model, example_input=x), args.repeats)
-    anchor = median_seconds(lambda: create_feature_extractor(model, return_nodes=return_nodes), args.repeats)
-    print(f"{args.model} @ {args.input_size}px, median of {args.repeats}: "
-          f"fxrelay trace+partition: {ours:.3f} s  torchvision create_feature_extractor: {anchor:.3f} s  "
-          f"ratio {ours / anchor:.2f}")
+    for name in args.models.split(","):
+        if name.startswith("tv_"):
+            model = getattr(torchvision.models, name[3:])().eval()
+            return_nodes = {m: f"stage{i}" for i, m in enumerate(("relu", "layer1", "layer2", "layer3", "layer4"))}
+        else:
+            model = timm.create_model(name, pretrained=False).eval()
+            return_nodes = {f["module"]: f"stage{i}" for i, f in enumerate(model.feature_info)}
+        ours, anchor = _alternating(lambda: fxrelay.partition(model, example_input=x),
+                                    lambda: create_feature_extractor(model, return_nodes=return_nodes), args.repeats)
+        print(f"{name} @ {args.input_size}px, median of {args.repeats}: "
+              f"fxrelay trace+partition: {ours:.3f} s  torchvision create_feature_extractor: {anchor:.3f} s  "
+              f"ratio {ours / anchor:.2f}", flush=True)
+
+
+def _alternating(first, second, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``first`` and of ``second``, run alternately after one warm-up call each."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for k in range(repeats + 1):
+        for fn, out in zip((first, second), times):
+            start = time.perf_counter()
+            fn()
+            if k:
+                out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 if __name__ == "__main__":

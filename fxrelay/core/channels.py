@@ -126,27 +126,41 @@ def memory_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> dict[str, in
     * ``one-line``: ``loss.backward()`` after the whole forward: every stage and head;
     * ``checkpointed``: stage outputs kept, one stage's activations recomputed at a time;
     * ``local-step``: :class:`fxrelay.LocalStep`: a stage lives until the last window
-      containing it has been backpropagated;
+      containing it has been backpropagated, and keeps the input it saved after the stage
+      that made it is freed;
     * ``sequential``: the lean sequential schedule training one stage, the prefix frozen.
 
-    Heads count with the stage they read. Without heads the plan trains as one network
-    (plain backprop).
+    Heads count with the stage they read. A stage that no continuing gradient enters (greedy's
+    stages, stage 0) runs on inputs that do not require grad: its layers before the first
+    parameter save nothing (``Stage.detached_saved_bytes``). Without heads the plan trains as
+    one network (plain backprop).
 
     >>> from fxrelay.core.ir import Head, Stage
-    >>> stages = [Stage(k, f"s{k}", (), (), (), (), 1, 0, 0, saved_bytes=10, boundary_bytes=1) for k in range(4)]
+    >>> stages = [Stage(k, f"s{k}", (), (), (), (), 1, 0, 0, saved_bytes=10, boundary_bytes=1,
+    ...                 detached_saved_bytes=9, input_saved_bytes=1) for k in range(4)]
     >>> heads = [Head(j, j, (j, j), 0.3, "auto") for j in range(3)] + [Head(3, 3, (3, 3), 1.0, "main")]
     >>> memory_peaks(stages, heads)
-    {'one-line': 40, 'checkpointed': 14, 'local-step': 10, 'sequential': 11}
+    {'one-line': 32, 'checkpointed': 12, 'local-step': 9, 'sequential': 9}
     """
     heads = heads or (Head(0, len(stages) - 1, (0, len(stages) - 1), 1.0, MAIN),)
-    own = [s.saved_bytes for s in stages]
+    detached = [k == 0 or not any(scope.input_channels)
+                for k, scope in enumerate(gradient_channels(producing_stages(stages), heads))]
+    # reason: a stage's output is saved by its own last layer or by its reader: no boundary term
+    own = [s.detached_saved_bytes - s.input_saved_bytes if detached[s.index] else s.saved_bytes for s in stages]
     head = [sum(h.saved_bytes for h in heads if h.stage == s.index) for s in stages]
+    # reason: without the stage above, an aux head keeps the output it reads (a stage ending with a pool)
+    alone = [h + (s.unsaved_output_bytes if any(a.stage == s.index for a in heads if not a.is_main) else 0)
+             for h, s in zip(head, stages)]
     last = [max((h.window[1] for h in heads if h.window[0] <= k <= h.window[1]), default=-1)
             for k in range(len(stages))]
     trained = [k for k in range(len(stages)) if last[k] >= 0]
-    # reason: a stage's output is saved by its own last layer or by its reader: no boundary term;
-    # in a local step a head's activations live only until its own loss is backpropagated
-    local = max((sum(own[k] for k in trained if k <= t <= last[k]) + head[t] for t in range(len(stages))), default=0)
+
+    def alive(t: int) -> list[int]:
+        return [k for k in trained if k <= t <= last[k]]
+
+    # reason: in a local step a head's activations live only until its own loss is backpropagated
+    local = max((sum(own[k] + (stages[k].input_saved_bytes if k - 1 not in alive(t) else 0) for k in alive(t))
+                 + alone[t] for t in range(len(stages))), default=0)
     return {
         "one-line": sum(own[k] + head[k] for k in trained),
         "checkpointed": sum(s.boundary_bytes for s in stages) + max((own[k] + head[k] for k in trained), default=0),
@@ -157,6 +171,8 @@ def memory_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> dict[str, in
 
 def sequential_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> list[int]:
     """Per stage ``k``, the bytes per sample saved for backward while the sequential schedule trains it:
-    stage ``k`` and its head, on the frozen prefix's output (the prefix runs without grad)."""
-    return [s.saved_bytes + sum(h.saved_bytes for h in heads if h.stage == s.index)
-            + (stages[s.index - 1].boundary_bytes if s.index else 0) for s in stages]
+    stage ``k`` on the frozen prefix's output (which does not require grad: ``Stage.detached_saved_bytes``,
+    the input it saves included) and its head (with the output it reads, if the stage does not save it)."""
+    return [s.detached_saved_bytes + sum(h.saved_bytes for h in heads if h.stage == s.index)
+            + (s.unsaved_output_bytes if any(h.stage == s.index and not h.is_main for h in heads) else 0)
+            for s in stages]

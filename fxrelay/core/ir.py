@@ -41,6 +41,12 @@ class Stage:
         saved_bytes: bytes per sample that a training step saves for backward in this
             stage (its activations), from the meta-tensor analysis.
         boundary_bytes: bytes per sample of the stage's tensor outputs (its cut values).
+        detached_saved_bytes: bytes per sample the stage saves when its inputs do not require
+            grad (greedy's detached inputs, a frozen prefix): layers before its first parameter save nothing.
+        input_saved_bytes: bytes per sample of its inputs that the stage saves then (counted in
+            ``saved_bytes`` of the stage that made them).
+        unsaved_output_bytes: bytes per sample of the main output when no layer of the stage saves
+            it (it ends with a pool or a conv): a head reading it saves it then.
     """
 
     index: int
@@ -54,6 +60,9 @@ class Stage:
     flops: int
     saved_bytes: int = 0
     boundary_bytes: int = 0
+    detached_saved_bytes: int = 0
+    input_saved_bytes: int = 0
+    unsaved_output_bytes: int = 0
 
 
 @dataclass(frozen=True)

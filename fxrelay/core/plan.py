@@ -17,7 +17,7 @@ Example:
         1  layer1    4    64x56x56  147.97K   0.925  25.5%     15      8.42  relu -> layer1_1_relu_1
         2  layer2    8   128x28x28  525.57K   0.822  22.7%     16      3.45  layer1_1_relu_1 -> layer2_1_relu_1
         3  layer3   16   256x14x14    2.10M   0.822  22.7%     16      1.73  layer2_1_relu_1 -> layer3_1_relu_1
-        4  layer4   32        1000    8.91M   0.823  22.7%     19      0.88  layer3_1_relu_1 -> fc
+        4  layer4   32        1000    8.91M   0.823  22.7%     19      0.87  layer3_1_relu_1 -> fc
 """
 
 from __future__ import annotations

@@ -1,19 +1,18 @@
 """Pass 2: shapes, cost and structure of a traced graph.
 
 :func:`analyse` propagates meta tensors (no compute, the model is untouched) through a
-GraphModule twice, at the example input's size and at twice that size; a model with
-ops that need values (``.item()`` in a leaf) runs on seeded random data instead, on
-copies of its buffers. A dimension
-that doubles with the input is spatial; that is how resolution levels are found from
-shapes alone, whatever the layout (NCHW, NHWC, tokens with class tokens) and whether
-or not the model has pooling ops. The result, per node:
+GraphModule twice, at the example input's size and at twice that size; a model with ops
+that need values (``.item()`` in a leaf) runs on seeded random data instead, on copies of
+its buffers. A dimension that doubles with the input is spatial; that is how resolution
+levels are found from shapes alone, whatever the layout (NCHW, NHWC, tokens with class
+tokens) and whether or not the model has pooling ops. The result, per node:
 
 * ``shape``/``dtype`` of the output, ``flops`` per sample, ``params`` owned;
 * ``reduction``: measured spatial downsampling factor of the output vs the input
   (``None`` for non-spatial tensors such as logits or pooled vectors);
 * ``level``: the resolution level the node computes at (measured, else inherited);
-* ``bytes`` of its output and, with ``memory=True``, ``saved_bytes``: what a training
-  step saves for backward in it (one more meta pass, in train mode, with autograd on).
+* ``bytes`` of its output and, with ``memory=True``, ``saved_bytes``: what a training step
+  saves for backward in it (counted during the first propagation: :mod:`fxrelay.passes.saved`).
 
 Example:
     >>> import torchvision, fxrelay
@@ -39,7 +38,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import flop_registry
 
 from ..core._compat import BatchNormBase, DropoutBase, TorchDispatchMode, tree_flatten, tree_map
-from ..core.modules import training_mode
+from .saved import SavedCounter, meta_like, meta_training_state, saved_bytes_per_sample, training_but_batch_norm
 from .tracing import ExampleInput, as_inputs
 
 __all__ = ["NodeInfo", "Analysis", "analyse", "owned_parameters", "data_dependent_nodes", "saved_bytes_per_sample"]
@@ -55,6 +54,7 @@ _FLOP_FREE_FUNCTIONS = frozenset({
     torch.stack, torch.reshape, torch.permute, torch.transpose, torch.add, torch.mul, torch.sigmoid,
     torch.relu, torch.chunk, torch.split, torch.narrow, torch.squeeze, torch.unsqueeze,
 })
+_SUMS = frozenset({operator.add, operator.sub, torch.add, torch.sub})
 _FLOP_METHODS = ("matmul", "mm", "bmm", "linear", "conv", "einsum", "attention", "baddbmm", "addmm")
 
 
@@ -76,6 +76,9 @@ class NodeInfo:
         saved_bytes: bytes the node saves for backward in a training step at the analysis
             batch size (activations only, each storage counted once; 0 unless
             ``analyse(..., memory=True)``).
+        reused: storages the node saves too that an earlier node counted: ``(that node, storage
+            number, bytes)`` (a stage's input its first layer saves, counted where it was made).
+        saver: the node that first saves the storage of this node's output ("" if none does).
     """
 
     shape: tuple[int, ...] | None
@@ -86,6 +89,8 @@ class NodeInfo:
     params: int
     reduction: int | None
     level: int
+    reused: tuple[tuple[str, int, int], ...] = ()
+    saver: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ def analyse(gm: fx.GraphModule, example_input: ExampleInput, *, memory: bool = F
     """
     inputs = as_inputs(example_input)
     batch = max(2, inputs[0].shape[0]) if inputs[0].dim() else 1  # reason: train-mode BN needs 2
-    first = _propagate(gm, inputs, batch, 1)
+    first = _propagate(gm, inputs, batch, 1, count_saved=memory)
     second = None
     if _image_input(inputs) is not None:
         try:
@@ -127,8 +132,8 @@ def analyse(gm: fx.GraphModule, example_input: ExampleInput, *, memory: bool = F
         except Exception:  # noqa: BLE001  (reason: fixed-size models such as ViT)
             second = None
     size = _image_input(inputs)
-    saved = _saved_bytes(gm, inputs, batch) if memory else {}
-    info = _node_info(gm, first, second, size, batch, saved)
+    counter = first.counter if first.counter is not None else _saved_bytes(gm, inputs, batch) if memory else None
+    info = _node_info(gm, first, second, size, batch, counter)
     for node in gm.graph.nodes:
         node.meta["fxrelay"] = info[node.name]
     return Analysis(info, batch, second is not None)
@@ -183,19 +188,26 @@ class _FlopCounter(TorchDispatchMode):
 
 
 class _MetaPropagator(fx.Interpreter):
-    """Runs a graph on meta tensors (or real ones), recording every value's shape and its FLOPs."""
+    """Runs a graph on meta tensors (or real ones), recording every value's shape and its FLOPs and,
+    with a ``counter``, the bytes each node saves for backward. On meta tensors shape-preserving
+    modules are not run (``shortcut``): their output is a new tensor like their input, and the
+    counter replays what they save (see :meth:`SavedCounter.replay`)."""
 
-    def __init__(self, gm: fx.GraphModule, count_flops: bool, meta: bool = True):
+    def __init__(self, gm: fx.GraphModule, count_flops: bool, meta: bool = True,
+                 counter: SavedCounter | None = None, shortcut: bool = True):
         super().__init__(gm)
-        self.count_flops, self.meta = count_flops, meta
+        self.count_flops, self.meta, self.counter, self.shortcut = count_flops, meta, counter, shortcut
         self.values: dict[str, Any] = {}
         self.flops: dict[str, int] = {}
+        self.steps = 1
 
     def run_node(self, n: fx.Node) -> Any:
+        if self.counter is not None:
+            self.counter.key = n.name
         if self.count_flops and _may_cost_flops(n, self.module):
             with _FlopCounter() as counter:
                 value = super().run_node(n)
-            self.flops[n.name] = counter.total
+            self.flops[n.name], self.steps = counter.total * self.steps, 1
         else:
             value = super().run_node(n)
         # reason: real runs must not keep every activation
@@ -204,11 +216,31 @@ class _MetaPropagator(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
-        if self.meta and _is_shape_preserving(module) and args and isinstance(args[0], torch.Tensor):
-            return torch.empty_like(args[0])
+        if self.meta and self.shortcut and _is_shape_preserving(module) and args and isinstance(args[0], torch.Tensor):
+            return self.counter.replay(module, args) if self.counter is not None else torch.empty_like(args[0])
+        if self.meta and self.shortcut and isinstance(module, nn.RNNBase) and args and args[0].dim() == 3:
+            return self._one_step(target, args, kwargs)
         return super().call_module(target, args, kwargs)
 
+    def _one_step(self, target: str, args: tuple, kwargs: dict) -> Any:
+        """A recurrent layer run on its first time step, its output, FLOPs and saved bytes scaled to the
+        sequence (the input saved once), since on meta every step decomposes in Python (sequencer2d: 16 s)."""
+        x, module = args[0], self.fetch_attr(target)
+        dim = 1 if module.batch_first else 0
+        self.steps = x.shape[dim]
+        own = 0 if self.counter is None or x.untyped_storage() in self.counter.seen else x.untyped_storage().nbytes()
+        before = self.counter.bytes.get(self.counter.key, 0) if self.counter is not None else 0
+        out, hidden = super().call_module(target, (x.narrow(dim, 0, 1), *args[1:]), kwargs)
+        if self.counter is not None:
+            step = self.counter.bytes.get(self.counter.key, 0) - before - own
+            self.counter.bytes[self.counter.key] = before + own + step * self.steps
+        full = out.new_empty((*out.shape[:dim], self.steps, *out.shape[dim + 1:]))
+        return (full.requires_grad_().clone() if out.requires_grad else full), hidden
+
     def call_function(self, target, args, kwargs):
+        if self.meta and self.shortcut and target in _SUMS and not kwargs and len(args) == 2 and _same_layout(*args):
+            # reason: a residual sum saves nothing and keeps the layout; its meta kernel is Python
+            return meta_like(args[0], args[0].requires_grad or args[1].requires_grad)
         return super().call_function(target, *self._on_meta(args, kwargs))
 
     def call_method(self, target, args, kwargs):
@@ -222,8 +254,13 @@ class _MetaPropagator(fx.Interpreter):
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
-        # reason: tensor constants fx stored on the module are not in the state dict
-        return _shape_only(value) if self.meta else value
+        # reason: tensor constants fx stored on the module are not in the state dict; parameters are meta already
+        return _shape_only(value) if self.meta and not (isinstance(value, torch.Tensor) and value.is_meta) else value
+
+
+def _same_layout(a: Any, b: Any) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_meta and b.is_meta \
+        and a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
 
 
 def _meta_device(value: Any) -> Any:
@@ -256,29 +293,44 @@ def _may_cost_flops(n: fx.Node, root: nn.Module) -> bool:
 
 
 def _propagate(gm: fx.GraphModule, inputs: tuple, batch: int, scale: int,
-               count_flops: bool = True) -> _MetaPropagator:
-    """Run ``gm`` on meta tensors, with meta as the default device when forward makes
-    tensors (rotary tables, masks), else on real ones if some op needs values."""
+               count_flops: bool = True, count_saved: bool = False) -> _MetaPropagator:
+    """Run ``gm`` on meta tensors (counting saved bytes if asked and if it can), with meta as the
+    default device when forward makes tensors (rotary tables, masks), else on real ones if some op
+    needs values."""
     meta_inputs = _resized(inputs, batch, scale, "meta")
-    for meta, device in ((True, None), (True, "meta")):  # reason: the device mode slows every op; only if needed
+    # reason: the device mode slows every op; only if needed
+    for device, saved in ((None, True),) * count_saved + ((None, False), ("meta", False)):
         try:
-            return _run(gm, meta_inputs, meta, device, count_flops)
+            return _run_meta(gm, meta_inputs, device, count_flops, saved)
         except Exception:  # noqa: BLE001  (reason: cpu tensors made in forward, .item(), data-dependent leaves)
             pass
-    return _run(gm, _resized(inputs, batch, scale, inputs[0].device), False, None, count_flops)
+    state = {k: v.clone() for k, v in gm.named_buffers()}  # reason: train-mode BN must not update the model's
+    prop = _MetaPropagator(gm, count_flops, meta=False)
+    with torch.no_grad():
+        _run_with_state(gm, state, prop.run, _resized(inputs, batch, scale, inputs[0].device))
+    return prop
 
 
-def _run(gm: fx.GraphModule, inputs: tuple, meta: bool, device: str | None, count_flops: bool) -> _MetaPropagator:
-    if meta:
-        tensors = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}  # reason: non-persistent too
-        state = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
-    else:  # reason: train-mode BN must not update the model's running statistics
-        state = {k: v.clone() for k, v in gm.named_buffers()}
-    prop = _MetaPropagator(gm, count_flops, meta)
+def _run_meta(gm: fx.GraphModule, inputs: tuple, device: str | None, count_flops: bool, count_saved: bool,
+              shortcut: bool = True) -> _MetaPropagator:
+    params, state = meta_training_state(gm)  # reason: buffers too, non-persistent ones included
+    counter = SavedCounter(state.values()) if count_saved else None  # reason: weights and running statistics
+    prop = _MetaPropagator(gm, count_flops, True, counter, shortcut)
     default_device = torch.device(device) if device else contextlib.nullcontext()
-    with torch.no_grad(), default_device:
+    # reason: a step saves what modules save in training (the shortcut modules' replay runs them so too)
+    hooks, mode = (counter.hooks(), training_but_batch_norm(gm)) if counter is not None \
+        else (contextlib.nullcontext(), contextlib.nullcontext())
+    with torch.set_grad_enabled(count_saved), hooks, mode, default_device:
         _run_with_state(gm, state, prop.run, inputs)
     return prop
+
+
+def _saved_bytes(gm: fx.GraphModule, inputs: tuple, batch: int) -> SavedCounter | None:
+    """Saved bytes from a pass of their own where counting while propagating failed (None: not on meta)."""
+    try:
+        return _run_meta(gm, _resized(inputs, batch, 1, "meta"), None, False, True, shortcut=False).counter
+    except Exception:  # noqa: BLE001  (reason: models that need values or real devices get no estimate)
+        return None
 
 
 class _Runner(nn.Module):
@@ -295,87 +347,6 @@ class _Runner(nn.Module):
 def _run_with_state(gm: fx.GraphModule, state: dict[str, torch.Tensor], run: Callable, inputs: tuple) -> Any:
     """``run(*inputs)`` with ``gm``'s parameters and buffers replaced by ``state``."""
     return functional_call(_Runner(gm, run), {f"gm.{k}": v for k, v in state.items()}, inputs)
-
-
-class _SavedBytes:
-    """Bytes of the distinct storages saved for backward while its hooks are on, by ``key``."""
-
-    def __init__(self, exclude: Iterable[torch.Tensor]):
-        self.seen = {t.untyped_storage() for t in exclude}  # reason: weights are not activations
-        self.bytes: dict[str, int] = {}
-        self.key = ""
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage not in self.seen:
-            self.seen.add(storage)
-            self.bytes[self.key] = self.bytes.get(self.key, 0) + storage.nbytes()
-        return tensor
-
-    def hooks(self) -> Any:
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-
-
-class _PerNode(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, counter: _SavedBytes):
-        super().__init__(gm)
-        self.counter = counter
-
-    def run_node(self, n: fx.Node) -> Any:
-        self.counter.key = n.name
-        return super().run_node(n)
-
-
-def _meta_training_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    params = {k: torch.empty_like(v, device="meta").requires_grad_(v.is_floating_point())
-              for k, v in module.named_parameters()}
-    return params, {**params, **{k: torch.empty_like(v, device="meta") for k, v in module.named_buffers()}}
-
-
-@contextlib.contextmanager
-def _training_but_batch_norm(module: nn.Module) -> Iterator[None]:
-    """``module`` in train mode for the block, but its batch norms that keep running statistics.
-
-    Train- and eval-mode batch norm save the same bytes for backward (the input and two
-    per-channel vectors); on meta tensors the eval kernel is fast and the train one is a
-    Python decomposition (resnet50's pass: 0.071 s -> 0.035 s, densenet121's 0.40 -> 0.09 s).
-    """
-    with training_mode(module, True):
-        for m in module.modules():
-            if isinstance(m, BatchNormBase) and m.track_running_stats:
-                m.training = False
-        yield
-
-
-def _saved_bytes(gm: fx.GraphModule, inputs: tuple, batch: int) -> dict[str, int]:
-    """Per node, the bytes a train-mode step saves for backward there (meta tensors; {} if the model
-    cannot run on them)."""
-    params, state = _meta_training_state(gm)
-    counter = _SavedBytes(params.values())
-    try:
-        with _training_but_batch_norm(gm), torch.enable_grad(), counter.hooks():
-            _run_with_state(gm, state, _PerNode(gm, counter).run, _resized(inputs, batch, 1, "meta"))
-    except Exception:  # noqa: BLE001  (reason: models that need values or real devices get no estimate)
-        return {}
-    return counter.bytes
-
-
-def saved_bytes_per_sample(module: nn.Module, sample_shape: tuple[int, ...]) -> int:
-    """Bytes per sample that ``module`` saves for backward in train mode, besides its input (which
-    the layer producing it usually saves already); meta tensors, 0 if it cannot run on them.
-
-    >>> saved_bytes_per_sample(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), (4,))  # relu(.)
-    32
-    """
-    params, state = _meta_training_state(module)
-    x = torch.empty(2, *sample_shape, device="meta")
-    counter = _SavedBytes([*params.values(), x])
-    try:
-        with _training_but_batch_norm(module), torch.enable_grad(), counter.hooks():
-            functional_call(module, state, (x,))
-    except Exception:  # noqa: BLE001  (reason: see _saved_bytes)
-        return 0
-    return sum(counter.bytes.values()) // 2
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -397,7 +368,9 @@ def owned_parameters(node: fx.Node, root: nn.Module) -> list[nn.Parameter]:
     return []
 
 
-def _node_info(gm, first, second, size, batch, saved) -> dict[str, NodeInfo]:
+def _node_info(gm, first, second, size, batch, counter) -> dict[str, NodeInfo]:
+    saved, reused = (counter.bytes, counter.reused) if counter is not None else ({}, {})
+    owners = counter.owners if counter is not None else {}
     info: dict[str, NodeInfo] = {}
     for n in gm.graph.nodes:
         value = first.values.get(n.name)
@@ -417,6 +390,8 @@ def _node_info(gm, first, second, size, batch, saved) -> dict[str, NodeInfo]:
             level=reduction if reduction is not None else inherited,
             bytes=sum(t.numel() * t.element_size() for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)),
             saved_bytes=saved.get(n.name, 0),
+            reused=tuple(sorted(reused.get(n.name, ()))),
+            saver=owners.get(t1.untyped_storage(), ("",))[0] if t1 is not None and t1.is_meta else "",
         )
     return info
 

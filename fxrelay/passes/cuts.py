@@ -38,12 +38,14 @@ class Crossings:
         tensors: values with a tensor shape.
         values: all values (tensors, sizes, tuples).
         numel: elements of the crossing tensors at the analysis batch size.
+        bytes: bytes of the crossing values at the analysis batch size.
         data: tensors whose values depend on the input's values (not only on its shape).
     """
 
     tensors: list[int]
     values: list[int]
     numel: list[int]
+    bytes: list[int]
     data: list[int]
 
 
@@ -93,11 +95,18 @@ class CutIndex:
             common += 1
         return common
 
-    def cost(self, i: int, balance: str = "flops") -> int:
-        """What ``order[i]`` costs when stages are balanced by ``balance`` (``"flops"``, or ``"memory"``:
-        bytes saved for backward), plus one so that node counts break all-zero ties."""
-        info = self.analysis.info[self.order[i].name]
-        return (info.flops if balance == "flops" else info.saved_bytes) + 1
+    def costs(self, balance: str = "flops") -> list[int]:
+        """What each node of ``order`` costs when stages are balanced by ``balance``, plus one so that node
+        counts break all-zero ties: ``"flops"``; ``"memory"`` (or ``"recompute"``): bytes saved for
+        backward; ``"auto"``: its share of the FLOPs plus its share of the saved bytes (in 1e-9)."""
+        flops = [self.analysis.info[n.name].flops for n in self.order]
+        saved = [self.analysis.info[n.name].saved_bytes for n in self.order]
+        if balance == "flops":
+            return [f + 1 for f in flops]
+        if balance != "auto":
+            return [s + 1 for s in saved]
+        total_flops, total_saved = max(sum(flops), 1), max(sum(saved), 1)
+        return [round(1e9 * (f / total_flops + s / total_saved)) + 1 for f, s in zip(flops, saved)]
 
 
 def cut_index(gm: fx.GraphModule, analysis: Analysis) -> CutIndex:
@@ -106,7 +115,7 @@ def cut_index(gm: fx.GraphModule, analysis: Analysis) -> CutIndex:
     order = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and n.name not in constants]
     position = {n.name: i for i, n in enumerate(order)}
     data = data_dependent_nodes(gm.graph)
-    diffs = {field: [0] * (len(order) + 2) for field in ("tensors", "values", "numel", "data")}
+    diffs = {field: [0] * (len(order) + 2) for field in ("tensors", "values", "numel", "bytes", "data")}
     for n in gm.graph.nodes:
         if n.name in constants or n.op == "output" or not n.users:
             continue
@@ -116,7 +125,7 @@ def cut_index(gm: fx.GraphModule, analysis: Analysis) -> CutIndex:
             continue
         shape = analysis.info[n.name].shape
         amounts = {"tensors": shape is not None, "values": 1, "numel": math.prod(shape or ()),
-                   "data": shape is not None and n.name in data}
+                   "bytes": analysis.info[n.name].bytes, "data": shape is not None and n.name in data}
         for field, amount in amounts.items():
             diffs[field][start] += amount
             diffs[field][last + 1] -= amount

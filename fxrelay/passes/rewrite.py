@@ -88,7 +88,7 @@ def transform(
     skip_first: int = 2,
     boundaries: str = "auto",
     num_stages: int | None = None,
-    balance: str = "flops",
+    balance: str = "auto",
     example_input: ExampleInput | None = None,
     num_classes: int | None = None,
     output: Union[str, int, OutputPath, None] = None,
@@ -149,6 +149,7 @@ def transform(
         own = model_aux_heads(model, default_example_input(model) if example_input is None else example_input,
                               tracing=config)
     with training_mode(model, False):  # reason: the inference graph; aux-logit branches stay out
+        balance = "recompute" if checkpoint and balance == "auto" else balance  # reason: the memory it is for
         plan = partition(model, boundaries, num_stages, example_input, balance=balance, tracing=config,
                          cut_after=list(own.values()))
     plan = dataclasses.replace(plan, output=output_path(plan, output))

@@ -31,6 +31,7 @@ _EXPORTS = {
     "fxrelay.passes.partition": ("partition",),
     "fxrelay.passes.split": ("run_stages", "split_stages"),
     "fxrelay.passes.heads": ("MODES", "make_head"),
+    "fxrelay.passes.downstream": ("Downstream",),
     "fxrelay.passes.rewrite": ("head_parameters", "is_transformed", "original_state_dict", "plan_of",
                                "transform"),
     "fxrelay.deployment.deploy": ("deploy",),

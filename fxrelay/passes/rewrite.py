@@ -61,7 +61,8 @@ from ..core.plan import Plan
 from .analysis import saved_bytes_per_sample
 from .emit import StagedModule, staged_graph
 from .guards import watch_heads
-from .heads import MODES, HeadFactory, assign_heads, check_mode, describe_head, head_flops, kind_name, make_head
+from .downstream import build_head
+from .heads import MODES, HeadFactory, assign_heads, check_mode, describe_head, head_flops, kind_name
 from .introspect import model_aux_heads, num_classes_of, output_path
 from .partition import partition
 from .split import split_stages
@@ -236,7 +237,7 @@ def _new_heads(model: nn.Module, plan: Plan, kind: Union[str, HeadFactory], num_
     classes = num_classes_of(model, plan, num_classes)
     p = next(model.parameters(), None)
     placement = {"device": p.device, "dtype": p.dtype} if p is not None else {}
-    return [make_head(kind, plan.stages[h.stage].shape, classes).to(**placement) for h in plan.aux_heads]
+    return [build_head(kind, model, plan, h.stage, classes).to(**placement) for h in plan.aux_heads]
 
 
 def _build(model: nn.Module, plan: Plan, head_modules: list[nn.Module]) -> StagedModule:

@@ -209,3 +209,21 @@ def test_plan_table_and_inspect_show_head_cost_relative_to_its_stage(capsys):
                                     f"{times(h.params, stage.params)}/{times(h.flops, stage.flops)}"]
         assert row.endswith(h.layers)
     assert str(plan).split("head  stage  window")[1].splitlines()[1:5] == rows
+
+
+def test_compare_run_specs_name_the_head_kind():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "compare.py"
+    spec = importlib.util.spec_from_file_location("compare_for_heads", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    assert compare.parse_run("greedy") == ("greedy", 2, "auto")
+    assert compare.parse_run("relay-w1:downstream") == ("relay", 1, "downstream")
+    mode, window, head = compare.parse_run("greedy:downstream-d2-x0.25")
+    assert (mode, window, head.depth, head.width) == ("greedy", 2, 2, 0.25)
+    with pytest.raises(ValueError, match="unknown head kind"):
+        compare.parse_run("greedy:downstreem")
+    with pytest.raises(ValueError, match="width"):
+        compare.parse_run("greedy:downstream-x0")

@@ -124,7 +124,8 @@ def train(job: Job) -> float:
     mode, window, head_kind = parse_run(job.mode)
     torch.manual_seed(job.seed)
     model = fxrelay.transform(load_model(s["model"], num_classes=num_classes), mode, window=window,
-                              head_kind=head_kind, example_input=torch.randn(1, 3, s["image_size"], s["image_size"]))
+                              head_kind=head_kind, aux_weight=s.get("aux_weight", 0.3),
+                              example_input=torch.randn(1, 3, s["image_size"], s["image_size"]))
     if s["sampler"] == "class-aware":
         loader = DataLoader(train_set, batch_size=s["batch_size"],
                             sampler=fxrelay.ClassAwareSampler(train_set.targets, seed=job.seed))
@@ -296,6 +297,7 @@ def parser() -> argparse.ArgumentParser:
                                                              "relay-wN (relay = relay-w2), each optionally "
                                                              ":HEAD_KIND (greedy:downstream)")
     p.add_argument("--epochs", type=int, default=6, help="epochs per run")
+    p.add_argument("--aux-weight", type=float, default=0.3, help="loss weight of every aux head")
     p.add_argument("--seeds", type=int, default=1, help="seeds per mode: --seed, --seed + 1, ...")
     p.add_argument("--seed", type=int, default=0, help="first seed (models, shuffling; generated data)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
@@ -321,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a run reads, as plain data (they travel to the worker processes)."""
     keys = ("model", "data", "epochs", "batch_size", "lr", "warmup_epochs", "image_size", "imbalance", "augment",
-            "sampler", "num_classes", "train_size", "val_size")
+            "sampler", "num_classes", "train_size", "val_size", "aux_weight")
     return {**{k: getattr(args, k) for k in keys}, "progress": not args.no_progress and args.jobs == 1}
 
 

@@ -278,13 +278,14 @@ def head_study(out: Path, docs: Path, data: str, models: list[str], modes: list[
         writer.writerow(list(rows[0]))
         writer.writerows([r[c] if isinstance(r[c], (str, int)) else f"{r[c]:.4f}" for c in rows[0]] for r in rows)
     by = {(r["model"], r["mode"]): r for r in rows}
-    md += [f"Validation accuracy (%), final, mean ± std over {len(seeds)} seeds ({data}):", "",
+    md += [f"Validation accuracy (%), final, mean ± std over {len(seeds)} seeds ({data}; MODE:KIND: aux heads of "
+           "that kind, else auto):", "",
            "| model | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
     md += ["| " + m + " | " + " | ".join(percent(by[m, mode]["final_mean"], by[m, mode]["final_std"])
                                          for mode in modes) + " |" for m in models]
     md += ["", "Training seconds per run (mean): " + "; ".join(
         f"{m}: " + ", ".join(f"{mode} {by[m, mode]['train_seconds']:.0f}" for mode in modes) for m in models), ""]
-    pairs = [(f"{w}:downstream", w) for w in ("greedy", "relay-w1", "relay-w2") if f"{w}:downstream" in modes]
+    pairs = [(m, m.partition(":")[0]) for m in modes if ":" in m and m.partition(":")[0] in modes]
     if "standard" in modes and pairs:
         md += ["Downstream heads minus auto heads, and minus standard, final accuracy, per-seed paired differences in "
                "points (mean ± std; seeds where downstream is ahead); share of the auto heads' gap to standard that "

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
     p.add_argument("--size", type=int, default=224, help="image side in px (default: 224)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds, round-robin (default: 5)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all of them)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     x, y = torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 1000, (args.batch,))

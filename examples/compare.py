@@ -5,9 +5,13 @@
     python examples/compare.py --data digits --imbalance 10 --sampler class-aware --modes standard,relay-w2
     python examples/compare.py --epochs 5                                  # generated shapes
     python examples/compare.py --data digits --quick                       # one seed, one epoch
+    python examples/compare.py --epochs 5 --seeds 5 --modes standard,greedy,greedy:downstream
 
 Modes: ``standard``, ``deep``, ``greedy`` and ``relay-wN`` (Relay BP, each loss training
-``N`` stages; ``relay`` is ``relay-w2``). Every run (mode, seed) trains with
+``N`` stages; ``relay`` is ``relay-w2``); ``MODE:KIND`` picks the aux heads' kind
+(``greedy:downstream``: heads made of the model's own later layers; default ``auto``), and
+``MODE:downstream-dD-xW`` a downstream head of depth ``D`` and width ``W``
+(``greedy:downstream-d2-x0.25``). Every run (mode, seed) trains with
 :func:`fxrelay.train.loop.fit` (SGD with Nesterov momentum, one per-update cosine
 schedule with warm-up, label smoothing); the seed fixes the model's initialisation and
 the order of the batches, the data and budget are the same for all. A run writes
@@ -46,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision.transforms.v2 import RandomCrop  # noqa: E402
 
 import fxrelay  # noqa: E402
+import fxrelay.passes.heads  # noqa: E402,F401  (the head kinds a run spec may name)
 import fxrelay.models  # noqa: E402,F401  (registers plainnet* and cliquenet* with timm)
 from fxrelay.io.zoo import load_model  # noqa: E402
 from fxrelay.train.loop import Recipe, fit  # noqa: E402
@@ -65,6 +70,30 @@ def parse_mode(spec: str) -> tuple[str, int]:
     if mode not in fxrelay.MODES or (window and (mode != "relay" or not window.isdigit() or int(window) < 1)):
         raise ValueError(f"unknown mode {spec!r}: choose from {', '.join(fxrelay.MODES)} or relay-wN (N >= 1)")
     return mode, int(window or DEFAULT_WINDOW)
+
+
+def parse_run(spec: str) -> tuple[str, int, Any]:
+    """``"greedy:downstream"`` -> ``("greedy", 2, "downstream")``: the mode, window and ``head_kind`` of a run spec.
+
+    ``downstream-dD-xW`` is ``fxrelay.Downstream(depth=D, width=W)``; without ``:`` the heads are ``"auto"``.
+
+    Raises:
+        ValueError: an unknown mode (see :func:`parse_mode`) or head kind.
+    """
+    mode, _, kind = spec.partition(":")
+    name, *options = (kind or "auto").split("-")
+    if name not in fxrelay.passes.heads.HEADS or (options and name != "downstream"):
+        raise ValueError(f"unknown head kind {kind!r} in {spec!r}: choose from "
+                         f"{', '.join(fxrelay.passes.heads.HEADS)} or downstream-dD-xW")
+    if not options:
+        return (*parse_mode(mode), name)
+    values = {o[:1]: o[1:] for o in options}
+    try:
+        head = fxrelay.Downstream(depth=int(values["d"]) if "d" in values else None,
+                                  width=float(values.get("x", 0.5)))
+    except ValueError as e:
+        raise ValueError(f"bad downstream head {kind!r} in {spec!r}: {e}") from None
+    return (*parse_mode(mode), head)
 
 
 class Job(NamedTuple):
@@ -92,9 +121,10 @@ def train(job: Job) -> float:
     s, tic = job.settings, time.process_time()
     train_set, val_set = datasets(s, job.seed)
     num_classes = len(set(train_set.targets))
-    mode, window = parse_mode(job.mode)
+    mode, window, head_kind = parse_run(job.mode)
     torch.manual_seed(job.seed)
     model = fxrelay.transform(load_model(s["model"], num_classes=num_classes), mode, window=window,
+                              head_kind=head_kind, aux_weight=s.get("aux_weight", 0.3),
                               example_input=torch.randn(1, 3, s["image_size"], s["image_size"]))
     if s["sampler"] == "class-aware":
         loader = DataLoader(train_set, batch_size=s["batch_size"],
@@ -264,8 +294,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=("shapes", "digits"), default="shapes",
                    help="generated shapes, or scikit-learn's digits (pip install fxrelay[data])")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes: standard, deep, greedy, "
-                                                             "relay-wN (relay = relay-w2)")
+                                                             "relay-wN (relay = relay-w2), each optionally "
+                                                             ":HEAD_KIND (greedy:downstream)")
     p.add_argument("--epochs", type=int, default=6, help="epochs per run")
+    p.add_argument("--aux-weight", type=float, default=0.3, help="loss weight of every aux head")
     p.add_argument("--seeds", type=int, default=1, help="seeds per mode: --seed, --seed + 1, ...")
     p.add_argument("--seed", type=int, default=0, help="first seed (models, shuffling; generated data)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
@@ -291,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a run reads, as plain data (they travel to the worker processes)."""
     keys = ("model", "data", "epochs", "batch_size", "lr", "warmup_epochs", "image_size", "imbalance", "augment",
-            "sampler", "num_classes", "train_size", "val_size")
+            "sampler", "num_classes", "train_size", "val_size", "aux_weight")
     return {**{k: getattr(args, k) for k in keys}, "progress": not args.no_progress and args.jobs == 1}
 
 
@@ -302,7 +334,7 @@ def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
         p.error("--modes: none given")
     for mode in modes:
         try:
-            parse_mode(mode)
+            parse_run(mode)
         except ValueError as e:
             p.error(f"--modes: {e}")
     if min(args.seeds, args.epochs, args.jobs, args.threads) < 1:
@@ -329,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmain head's validation accuracy (%), mean over {len(seeds)} seeds, per epoch; "
           "final and best: mean ± std")
     for r in rows:
-        print(f"{r['mode']:<9} " + " ".join(f"{100 * a:5.1f}" for a in r["curve"])
+        print(f"{r['mode']:<18} " + " ".join(f"{100 * a:5.1f}" for a in r["curve"])
               + f"   final {percent(r['final_mean'], r['final_std'])}   best {percent(r['best_mean'], r['best_std'])}"
               + f"   ({r['train_seconds']:.0f} s per run)")
     print(f"\n{time.perf_counter() - tic:.0f} s, {cpu:.0f} CPU s in the runs; wrote {out / 'compare.png'}, "

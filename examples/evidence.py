@@ -16,6 +16,13 @@ budget and seeds for every mode; each run single-threaded, runs in ``--jobs`` pr
    augmentation (random shifts of up to 4 px). The validation split is balanced, so its
    accuracy is the balanced accuracy; the tail is digits 7-9 (23, 18 and 14 train images).
 
+``--heads shapes|digits`` runs the head study instead (issue 21): greedy and relay (windows 1
+and 2) with the default heads against heads made of the model's own later layers
+(``head_kind="downstream"``), and standard, on generated shapes (``resnet10t``, 5 epochs) or
+digits (``plainnet30``, ``plainnet60``, ``resnet10t``, 10 epochs); it writes
+``evidence/heads_DATA.md`` and ``.csv``, and ``compare/heads_DATA_MODEL.png`` / ``.csv``.
+``--resume`` keeps the runs whose ``metrics.csv`` exists.
+
 Writes every run's CSVs under ``OUT`` (``OUT/depth/MODEL/MODE/seedS/``,
 ``OUT/longtail/SAMPLER[-shift4]/MODE/seedS/``), and under ``DOCS``: ``evidence/results.md``
 (the tables, the command, the time: wall, CPU and the load average while it ran),
@@ -50,6 +57,10 @@ LONGTAIL_MODES = ("standard", "relay-w2")
 SHIFTS = (0, 4)  # reason: 4 px at 32 px is one pixel of the 8x8 originals
 TAIL = (7, 8, 9)
 COMMAND = "python examples/evidence.py --jobs 2"
+HEAD_MODES = ("standard", "greedy", "greedy:downstream", "relay-w1", "relay-w1:downstream", "relay-w2",
+              "relay-w2:downstream")
+HEAD_MODELS = {"shapes": ("resnet10t",), "digits": ("plainnet30", "plainnet60", "resnet10t")}
+HEAD_EPOCHS = {"shapes": 5, "digits": 10}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -64,15 +75,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, each in its own single-threaded process")
     p.add_argument("--quick", action="store_true", help="smoke test: one seed, one epoch, the first (smallest) "
                                                         "model only, for both parts")
+    p.add_argument("--heads", choices=tuple(HEAD_MODELS), default=None,
+                   help="run the head study (auto vs downstream heads) on this data instead")
+    p.add_argument("--head-modes", default=",".join(HEAD_MODES), help="head study: its run specs")
+    p.add_argument("--resume", action="store_true", help="keep the runs whose metrics.csv exists")
     p.add_argument("--out", default="out/evidence", help="folder of the runs")
     p.add_argument("--docs", default=None, help="folder of the tables and figures (default: docs/img; with "
                                                 "--quick: OUT/img)")
     return p
 
 
-def settings(model: str, epochs: int, **data: Any) -> dict[str, Any]:
-    """compare.py's settings for one study: digits at 32x32, its default recipe."""
-    args = compare.parser().parse_args(["--data", "digits", "--model", model, "--epochs", str(epochs),
+def settings(model: str, epochs: int, dataset: str = "digits", **data: Any) -> dict[str, Any]:
+    """compare.py's settings for one study: ``dataset`` (digits, or generated shapes) at 32x32, its default recipe."""
+    args = compare.parser().parse_args(["--data", dataset, "--model", model, "--epochs", str(epochs),
                                         "--no-progress", *(f"--{k.replace('_', '-')}={v}" for k, v in data.items())])
     return compare.settings_of(args)
 
@@ -248,6 +263,66 @@ def class_aware_study(out: Path, docs: Path, seeds: list[int]) -> list[str]:
     return md
 
 
+def head_study(out: Path, docs: Path, data: str, models: list[str], modes: list[str], seeds: list[int]) -> list[str]:
+    """Summaries, ``heads_DATA.csv`` and the per-model figures of the head study; returns the markdown."""
+    rows, md = [], []
+    for model in models:
+        summary = compare.save(out / model, modes, seeds, f"{model} on {data}: auto vs downstream heads")
+        for suffix in ("png", "csv"):
+            shutil.copy(out / model / f"{'compare' if suffix == 'png' else 'summary'}.{suffix}",
+                        docs / "compare" / f"heads_{data}_{model}.{suffix}")
+        rows += [dict(model=model, **{k: r[k] for k in ("mode", "seeds", "final_mean", "final_std", "best_mean",
+                                                        "best_std", "train_seconds")}) for r in summary]
+    with open(docs / "evidence" / f"heads_{data}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(rows[0]))
+        writer.writerows([r[c] if isinstance(r[c], (str, int)) else f"{r[c]:.4f}" for c in rows[0]] for r in rows)
+    by = {(r["model"], r["mode"]): r for r in rows}
+    md += [f"Validation accuracy (%), final, mean ± std over {len(seeds)} seeds ({data}; MODE:KIND: aux heads of "
+           "that kind, else auto):", "",
+           "| model | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    md += ["| " + m + " | " + " | ".join(percent(by[m, mode]["final_mean"], by[m, mode]["final_std"])
+                                         for mode in modes) + " |" for m in models]
+    md += ["", "Training seconds per run (mean): " + "; ".join(
+        f"{m}: " + ", ".join(f"{mode} {by[m, mode]['train_seconds']:.0f}" for mode in modes) for m in models), ""]
+    pairs = [(m, m.partition(":")[0]) for m in modes if ":" in m and m.partition(":")[0] in modes]
+    if "standard" in modes and pairs:
+        md += ["Each MODE:KIND minus the same mode with auto heads, and minus standard, final accuracy, per-seed "
+               "paired differences in points (mean ± std; seeds where MODE:KIND is ahead); share of the auto heads' "
+               "gap to standard that it closes (means):", "",
+               "| model | run | − auto heads | − standard | gap closed |", "|---|---|---|---|---|"]
+        for m in models:
+            runs = {mode: finals(out / m, mode, seeds) for mode in modes}
+            for d, a in pairs:
+                gap = by[m, "standard"]["final_mean"] - by[m, a]["final_mean"]
+                gain = by[m, d]["final_mean"] - by[m, a]["final_mean"]
+                closed = "no gap" if gap <= 0 else f"{100 * gain / gap:.0f}%"
+                md.append(f"| {m} | {d} | {paired(runs[d], runs[a])} | {paired(runs[d], runs['standard'])} | "
+                          f"{closed} |")
+        md.append("")
+    return md
+
+
+def run_head_study(args: argparse.Namespace, out: Path, docs: Path) -> list[str]:
+    """The ``--heads`` part: its runs (those not kept by ``--resume``), then its tables."""
+    data, seeds = args.heads, list(range(args.seeds))
+    models = HEAD_MODELS[data][:1] if args.quick else list(HEAD_MODELS[data])
+    modes = [m.strip() for m in args.head_modes.split(",") if m.strip()]
+    epochs = 1 if args.quick else HEAD_EPOCHS[data]
+    jobs = [Job(settings(m, epochs, dataset=data), mode, s, run_dir(out / m, mode, s))
+            for s in seeds for m in models for mode in modes]  # reason: stopped early, whole seeds are done
+    todo = [j for j in jobs if not (args.resume and (j.out / "metrics.csv").exists())]
+    print(f"{len(todo)} of {len(jobs)} runs in {args.jobs} single-threaded processes", flush=True)
+    tic = time.perf_counter()
+    compare.run_jobs(todo, args.jobs, threads=1)
+    wall = time.perf_counter() - tic
+    md = [f"# Head study: auto vs downstream heads on {data}", "",
+          f"Command: `python examples/evidence.py --heads {data} --jobs {args.jobs}`. {len(jobs)} runs "
+          f"({len(todo)} run now, in {wall / 60:.1f} min wall), {len(seeds)} seeds, {epochs} epochs, "
+          f"1-minute load average {os.getloadavg()[0]:.1f} at the end.", ""]
+    return md + head_study(out, docs, data, models, modes, seeds)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -261,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     docs = Path(args.docs or (out / "img" if args.quick else "docs/img"))
     for folder in ("evidence", "compare"):
         (docs / folder).mkdir(parents=True, exist_ok=True)
+    if args.heads:
+        md = run_head_study(args, out / "heads" / args.heads, docs)
+        (docs / "evidence" / f"heads_{args.heads}.md").write_text("\n".join(md))
+        print("\n".join(md), flush=True)
+        return 0
     seeds = list(range(args.seeds))
     jobs = [Job(settings(m, args.epochs), mode, s, run_dir(out / "depth" / m, mode, s))
             for m in reversed(models) for mode in compare.MODES for s in seeds]  # reason: the slowest runs first

@@ -32,6 +32,7 @@ _EXPORTS = {
     "fxrelay.passes.split": ("run_stages", "split_stages"),
     "fxrelay.core.choices": ("MODES",),
     "fxrelay.passes.heads": ("make_head",),
+    "fxrelay.passes.downstream": ("Downstream",),
     "fxrelay.passes.rewrite": ("head_parameters", "is_transformed", "original_state_dict", "plan_of",
                                "transform"),
     "fxrelay.deployment.deploy": ("deploy",),

@@ -210,6 +210,7 @@ def test_depth_collapses_modules():
 @needs_dot
 def test_head_boxes_say_what_was_built_and_the_title_is_the_given_name(tmp_path):
     from fxrelay.core.plan import si as _si
+    from fxrelay.core.plan import times
 
     model = fxrelay.transform(torchvision.models.resnet18(num_classes=10), "relay",
                               example_input=torch.randn(2, 3, 64, 64))
@@ -219,7 +220,9 @@ def test_head_boxes_say_what_was_built_and_the_title_is_the_given_name(tmp_path)
     for k, head in enumerate(aux):
         params = sum(p.numel() for p in model.heads[k].body.parameters())
         assert text[text.index(f"head {head.index}") + 1] == " · auto: conv1x1-BN-ReLU-pool2x2-linear"
-        assert f"{_si(params)} params · {_si(head.flops)} FLOPs · w=0.3 → L{head.index}" in text
+        stage = plan.stages[head.stage]
+        assert (f"{_si(params)} params ({times(params, stage.params)} stage) · {_si(head.flops)} FLOPs "
+                f"({times(head.flops, stage.flops)}) · w=0.3 → L{head.index}") in text
     assert text[text.index(f"head {plan.heads[-1].index}") + 1] == " · main"
     assert "tv:resnet18" in text and "ResNet" not in text
     assert "ResNet" in svg_items(render(model, tmp_path / "untitled.svg").read_bytes())["text"]

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
 from .. import __version__
-from ..core.choices import BALANCES, BOUNDARIES, FORMATS, LEVELS, MODES
+from ..core.choices import BALANCES, BOUNDARIES, FORMATS, HEAD_KINDS, LEVELS, MODES
 from ..io.zoo import check_model_name, example_input, load_model
 
 if TYPE_CHECKING:
@@ -143,9 +143,9 @@ def _configure_model(parser: argparse.ArgumentParser) -> None:
                         help="merge or split to N stages (default: one per resolution level)")
     parser.add_argument("--input-size", type=_positive_int, default=None,
                         help="input side in px (default: the model's own input size)")
-    parser.add_argument("--balance", choices=BALANCES, default="flops",
-                        help="with --num-stages: merge and split stages by FLOPs or by bytes saved for backward "
-                             "(default: flops)")
+    parser.add_argument("--balance", choices=BALANCES, default="auto",
+                        help="with --num-stages: merge and split stages by FLOPs, bytes saved for backward, both "
+                             "(auto) or the recompute peak (default: auto)")
     parser.add_argument("--leaf-module", action="append", default=[], metavar="PKG.MODULE.CLASS",
                         help="a module class not to trace through (repeatable; tracing configuration)")
     parser.add_argument("--autowrap", action="append", default=[], metavar="PKG.MODULE.FUNCTION",
@@ -158,6 +158,8 @@ def _configure_mode(parser: argparse.ArgumentParser, default: str | None) -> Non
                         help=f"training mode whose heads and windows are shown ({shown})")
     parser.add_argument("--window", type=_positive_int, default=2,
                         help="relay window: how many stages, up to its own, a head's loss trains (default: 2)")
+    parser.add_argument("--head-kind", choices=HEAD_KINDS, default="auto",
+                        help="what the aux heads are; downstream: copies of the model's later layers (default: auto)")
 
 
 def _configure_inspect(parser: argparse.ArgumentParser) -> None:
@@ -196,7 +198,7 @@ def _transformed(args: argparse.Namespace) -> tuple[nn.Module, Any]:
         if args.mode is None:
             return model, partition(model, args.boundaries, args.num_stages, x, balance=args.balance,
                                     tracing=_tracing(args))
-        model = transform(model, args.mode, window=args.window, boundaries=args.boundaries,
+        model = transform(model, args.mode, window=args.window, head_kind=args.head_kind, boundaries=args.boundaries,
                           num_stages=args.num_stages, balance=args.balance, example_input=x, tracing=_tracing(args))
         return model, plan_of(model)
 

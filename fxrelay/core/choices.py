@@ -4,7 +4,7 @@
 __all__ = ["MODES", "HEAD_KINDS", "BOUNDARIES", "BALANCES", "LEVELS", "FORMATS", "EXECUTIONS"]
 
 MODES = ("relay", "greedy", "deep", "standard")
-HEAD_KINDS = ("auto", "linear", "layercnn", "dgl")
+HEAD_KINDS = ("auto", "linear", "layercnn", "dgl", "downstream")
 BOUNDARIES = ("auto", "pool", "blocks")
 BALANCES = ("auto", "flops", "memory", "recompute")
 LEVELS = ("stage", "node")

@@ -143,9 +143,10 @@ class Plan:
         lines += table(rows, left=(1,))
         if self.heads:
             lines.append("")
-            rows = [("head", "stage", "window", "weight", "kind", "GFLOPs", "layers")]
+            rows = [("head", "stage", "window", "weight", "kind", "params", "GFLOPs", "vs stage", "layers")]
             rows += [(str(h.index), str(h.stage), f"{h.window[0]}..{h.window[1]}", f"{h.weight:g}", h.kind,
-                      f"{h.flops / 1e9:.3g}", h.layers) for h in self.heads]
+                      si(h.params), f"{h.flops / 1e9:.3g}", _versus(h, self.stages[h.stage]), h.layers)
+                     for h in self.heads]
             lines += table(rows, left=(4,))
             lines.append(f"backward FLOPs vs deep supervision: {self.backward_flop_ratio():.3f}x")
             peaks = ", ".join(f"{name} {peak / 2**20:.3g}" for name, peak in self.memory_estimate().items())
@@ -157,6 +158,13 @@ class Plan:
     def __repr__(self) -> str:
         return (f"Plan({self.model_name}, stages={len(self.stages)}, heads={len(self.heads)}, "
                 f"mode={self.mode!r}, boundaries={self.boundaries!r})")
+
+
+def _versus(head: Head, stage: Stage) -> str:
+    """A head's params and FLOPs relative to the stage it reads: ``"2.2x/0.23x"``."""
+    if head.is_main:
+        return "-"
+    return f"{times(head.params, stage.params)}/{times(head.flops, stage.flops)}"
 
 
 def _names(names: tuple[str, ...]) -> str:
@@ -172,6 +180,12 @@ def table(rows: list[tuple[str, ...]], left: tuple[int, ...] = ()) -> list[str]:
                  for i, (c, w) in enumerate(zip(r, widths))]
         out.append("  ".join(cells).rstrip())
     return out
+
+
+def times(part: float, whole: float) -> str:
+    """``part`` relative to ``whole``: ``times(3, 4) == '0.75x'``, ``times(150, 1) == '150x'``."""
+    r = part / max(whole, 1)
+    return f"{r:.2f}x" if r < 10 else f"{r:.0f}x"
 
 
 def si(n: float) -> str:

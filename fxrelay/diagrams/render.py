@@ -40,7 +40,7 @@ from torch import nn
 from ..core.channels import stopping_losses
 from ..core.choices import FORMATS, LEVELS
 from ..core.ir import Head, Stage, TracingConfig
-from ..core.plan import Plan, si
+from ..core.plan import Plan, si, times
 from ..passes.partition import partition
 from ..passes.rewrite import is_transformed, plan_of
 from ..passes.tracing import ExampleInput, check_module, module_path
@@ -331,15 +331,18 @@ def _draw_heads(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dic
     main_output = (stage.outputs or stage.nodes)[-1]
     for head in (h for h in plan.heads if h.stage == stage.index):
         colour = _loss_colour(head)
-        cluster.node(f"head_{head.index}", f"<{_head_text(head)}>", color=colour, penwidth="2",
+        cluster.node(f"head_{head.index}", f"<{_head_text(head, stage)}>", color=colour, penwidth="2",
                      style="rounded,filled", fillcolor="white")
         cluster.edge(box_of[main_output], f"head_{head.index}", color=colour, style="dashed")
 
 
-def _head_text(head: Head) -> str:
-    """``head 0 · auto: conv1x1-BN-ReLU-pool2x2-linear``, then its params, FLOPs, weight and loss, as HTML."""
+def _head_text(head: Head, stage: Stage) -> str:
+    """``head 0 · auto: conv1x1-BN-ReLU-pool2x2-linear``, then its params and FLOPs (and their ratio to the
+    stage's), weight and loss, as HTML."""
     built = f"{head.kind}: {head.layers}" if head.layers else head.kind
-    cost = (f"{si(head.params)} params · " if head.params else "") + (f"{si(head.flops)} FLOPs · " if head.flops else "")
+    built = built if head.kind != "downstream" else head.layers  # reason: its layers start with the kind
+    cost = (f"{si(head.params)} params ({times(head.params, stage.params)} stage) · " if head.params else "") \
+        + (f"{si(head.flops)} FLOPs ({times(head.flops, stage.flops)}) · " if head.flops else "")
     return (f"<B>head {head.index}</B> · {html.escape(built)}<BR/>"
             f"<FONT POINT-SIZE=\"9\">{cost}w={head.weight:g} → L{head.index}</FONT>")
 

@@ -194,8 +194,8 @@ def _rebuild(recipe: ModelSpec, model: nn.Module) -> nn.Module:
 
 
 def _recompute(plan: Plan) -> bool:
-    """Whether the model recomputes its stages in backward (``transform(checkpoint=True)``)."""
-    return plan.checkpoint
+    """Whether the model recomputes its stages in backward (``transform(recompute=True)``)."""
+    return plan.recompute
 
 
 def _plan_difference(saved: Plan, rebuilt: Plan) -> str:

@@ -32,21 +32,23 @@ from ..core.ir import MAIN, Head
 from ..core.modules import training_mode
 from .tracing import did_you_mean
 
-__all__ = ["HEADS", "MODES", "HeadFactory", "make_head", "kind_name", "head_flops", "describe_head",
-           "assign_heads", "check_mode"]
+__all__ = ["HEADS", "MODES", "HeadFactory", "ChannelsLast", "TokenMean", "make_head", "kind_name", "head_flops",
+           "describe_head", "assign_heads", "check_mode"]
 
 HeadFactory = Callable[[tuple, int], nn.Module]
 HEADS = HEAD_KINDS
 _AUTO_WIDTH = 256
 
-class _ChannelsLast(nn.Module):
+class ChannelsLast(nn.Module):
     """NHWC to NCHW (timm Swin-style stage outputs)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 3, 1, 2)
 
 
-class _TokenMean(nn.Module):
+class TokenMean(nn.Module):
+    """Mean over the tokens of ``(B, N, C)`` features."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=1)
 
@@ -72,7 +74,10 @@ def make_head(head: Union[str, HeadFactory], feature_shape: tuple, num_classes: 
     if len(shape) == 1:
         return nn.Linear(shape[0], num_classes)
     if len(shape) == 2:
-        return nn.Sequential(_TokenMean(), nn.LayerNorm(shape[1]), nn.Linear(shape[1], num_classes))
+        return nn.Sequential(TokenMean(), nn.LayerNorm(shape[1]), nn.Linear(shape[1], num_classes))
+    if head == "downstream":
+        raise ValueError("a downstream head is built from the model's later layers: pass head_kind='downstream' "
+                         "to fxrelay.transform, not to make_head")
     prefix, channels = _to_nchw(shape)
     body = {"auto": _auto, "linear": _linear, "layercnn": _layercnn, "dgl": _dgl}[head]
     return nn.Sequential(*prefix, *body(channels, num_classes, depth))
@@ -89,7 +94,7 @@ def head_flops(head: nn.Module, feature_shape: tuple) -> int:
 
 
 _SHORT_NAMES = {nn.BatchNorm1d: "BN", nn.BatchNorm2d: "BN", nn.LayerNorm: "LN", nn.ReLU: "ReLU", nn.Linear: "linear",
-                _TokenMean: "TokenMean", _ChannelsLast: "ChannelsLast"}
+                TokenMean: "TokenMean", ChannelsLast: "ChannelsLast"}
 
 
 def describe_head(head: nn.Module) -> str:
@@ -98,6 +103,8 @@ def describe_head(head: nn.Module) -> str:
     >>> describe_head(make_head("auto", (64, 8, 8), 10)), describe_head(make_head("linear", (64, 8, 8), 10))
     ('conv1x1-BN-ReLU-pool2x2-linear', 'pool-linear')
     """
+    if isinstance(getattr(head, "description", None), str):
+        return head.description
     leaves = [m for m in head.modules() if not any(True for _ in m.children())] or [head]
     return "-".join(name for name in map(_layer_name, leaves) if name)
 
@@ -161,7 +168,7 @@ def _aux_stages(num_stages: int, mode: str, head_stages: Union[str, Sequence[int
 def _to_nchw(shape: tuple) -> tuple[list[nn.Module], int]:
     a, b, c = shape[-3:]
     if a == b != c:  # reason: (H, W, C) maps (timm Swin, MaxViT stages) show two equal leading dims
-        return [_ChannelsLast()], c
+        return [ChannelsLast()], c
     return [], a
 
 

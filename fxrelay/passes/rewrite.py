@@ -59,7 +59,8 @@ from ..core.outputs import OutputPath
 from ..core.plan import Plan
 from .analysis import saved_bytes_per_sample
 from .emit import StagedModule, staged_module
-from .heads import MODES, HeadFactory, assign_heads, check_mode, describe_head, head_flops, kind_name, make_head
+from .downstream import build_head
+from .heads import MODES, HeadFactory, assign_heads, check_mode, describe_head, head_flops, kind_name
 from .introspect import model_aux_heads, num_classes_of, output_path
 from .partition import partition
 from .split import split_stages
@@ -149,7 +150,7 @@ def transform(
         own = model_aux_heads(model, default_example_input(model) if example_input is None else example_input,
                               tracing=config)
     with training_mode(model, False):  # reason: the inference graph; aux-logit branches stay out
-        balance = "recompute" if checkpoint and balance == "auto" else balance  # reason: the memory it is for
+        balance = "recompute" if recompute and balance == "auto" else balance  # reason: the memory it is for
         plan = partition(model, boundaries, num_stages, example_input, balance=balance, tracing=config,
                          cut_after=list(own.values()))
     plan = dataclasses.replace(plan, output=output_path(plan, output))
@@ -244,7 +245,7 @@ def _new_heads(model: nn.Module, plan: Plan, kind: Union[str, HeadFactory], num_
     classes = num_classes_of(model, plan, num_classes)
     p = next(model.parameters(), None)
     placement = {"device": p.device, "dtype": p.dtype} if p is not None else {}
-    return [make_head(kind, plan.stages[h.stage].shape, classes).to(**placement) for h in plan.aux_heads]
+    return [build_head(kind, model, plan, h.stage, classes).to(**placement) for h in plan.aux_heads]
 
 
 def _build(model: nn.Module, plan: Plan, head_modules: list[nn.Module]) -> StagedModule:

@@ -112,7 +112,7 @@ def test_transformed_model_deploys_without_heads():
     model = randomize_batchnorms(timm.create_model("resnet18", drop_rate=0.5, drop_path_rate=0.3)).train()
     transformed = fxrelay.transform(model, mode="relay")
     deployed = deploy(transformed)
-    assert [n for n, _ in transformed.named_children()] == ["stages", "heads"]
+    assert [n for n, _ in transformed.named_children()] == ["stages", "overlaps", "heads"]
     assert not any(name.startswith(("stages", "heads")) for name, _ in deployed.named_modules())
     assert not any(is_noop(n, deployed) for n in deployed.graph.nodes) and "training" not in deployed.code
     assert count_batchnorms(deployed) == 0 and transformed.training and model.training

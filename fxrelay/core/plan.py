@@ -30,7 +30,7 @@ import torch.fx as fx
 from .channels import StageScope, backward_flops, gradient_channels, memory_peaks, producing_stages
 from .ir import Head, Stage, TracingConfig
 
-__all__ = ["Plan"]
+__all__ = ["Plan", "table", "times", "si"]
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from ..core.modules import training_mode
 from ..core.plan import Plan
 from ..passes.rewrite import plan_of
 
-__all__ = ["greedy_schedule", "StageStep", "train_stage", "prefix_cache"]
+__all__ = ["greedy_schedule", "check_sequential", "StageStep", "train_stage", "prefix_cache"]
 
 
 def greedy_schedule(num_stages: int, epochs: int) -> list[int]:

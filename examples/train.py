@@ -2,7 +2,8 @@
 
     python examples/train.py --model resnet10t --mode relay --epochs 5            # generated shapes
     python examples/train.py --model tv:resnet18 --data /path/to/imagefolder --image-size 128 --amp --ema
-    python examples/train.py --model resnet10t --mode greedy --local-step --epochs 10 --cache-prefix
+    python examples/train.py --model resnet10t --mode greedy --execution sequential --epochs 10 --cache-prefix
+    python examples/train.py --model resnet50 --mode relay --execution local      # least memory, same gradients
     python examples/train.py --resume out/train/checkpoint.pt                   # continue a run
     torchrun --nproc-per-node 2 examples/train.py --mode greedy --pipeline 2 --microbatches 4
 
@@ -18,7 +19,10 @@ split 90/10). Without it the generated :class:`fxrelay.data.Shapes` dataset is u
 The loop is :class:`fxrelay.train.loop.Trainer`: one timm optimizer (SGD with Nesterov
 momentum or AdamW, no weight decay on norms and biases) and one per-update cosine
 schedule with warm-up for the whole run, label smoothing, optional bfloat16 autocast
-(``--amp``) and EMA of the weights (``--ema``). ``--local-step`` is the sequential
+(``--amp``) and EMA of the weights (``--ema``). ``--execution`` chooses how each training
+step runs, with the same gradients: ``one-line`` (``loss.backward()``), ``recompute`` (stages
+recomputed in backward), ``local`` (:class:`fxrelay.LocalStep`: each loss backpropagated as soon as
+its window is complete, the least memory); ``sequential`` is the sequential
 greedy schedule (one stage at a time, each for the same number of epochs; only stages
 ``0..k`` and head ``k`` run), ``--cache-prefix`` computes the frozen stages once per stage.
 
@@ -45,6 +49,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, random_split
 
 import fxrelay
+from fxrelay.core.choices import EXECUTIONS
 from fxrelay.apps.cli import UsageError
 from fxrelay.io.zoo import load_model
 from fxrelay.train.loop import (History, Recipe, Trainer, evaluate, load_checkpoint, lr_schedule, make_optimizer,
@@ -83,10 +88,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, default=4096, help="generated training images")
     p.add_argument("--val-size", type=int, default=1024, help="generated validation images")
     p.add_argument("--class-aware", action="store_true", help="class-aware sampling (Relay BP)")
-    p.add_argument("--local-step", action="store_true",
-                   help="sequential greedy schedule (--mode greedy): one stage at a time, lower ones frozen")
+    p.add_argument("--execution", choices=EXECUTIONS, default="one-line",
+                   help="how each step runs (same gradients): one-line, recompute, local (LocalStep, least "
+                        "memory); sequential: the greedy schedule, one stage at a time (--mode greedy)")
+    p.add_argument("--local-step", action="store_true", help=argparse.SUPPRESS)  # reason: renamed; says so
     p.add_argument("--cache-prefix", action="store_true",
-                   help="with --local-step: compute the frozen stages' outputs once per stage (memory: the "
+                   help="with --execution sequential: compute the frozen stages' outputs once per stage (memory: the "
                         "training set times one stage input)")
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
@@ -140,7 +147,7 @@ def recipe(args: argparse.Namespace) -> Recipe:
     return Recipe(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
                   warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, label_smoothing=args.label_smoothing,
                   amp=args.amp, ema_decay=args.ema_decay if args.ema else 0.0,
-                  execution="sequential" if args.local_step else "one-line", cache_prefix=args.cache_prefix)
+                  execution=args.execution, cache_prefix=args.cache_prefix)
 
 
 def report(epoch: int, history: History, epochs: int) -> None:
@@ -186,12 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.epochs} ({source})")
     else:
         args.epochs = getattr(args, "epochs", DEFAULT_EPOCHS)
-    if args.local_step and args.mode != "greedy":
-        return error("--local-step trains stage by stage with one head per stage: add --mode greedy")
-    if args.cache_prefix and not args.local_step:
-        return error("--cache-prefix caches the frozen stages of --local-step: add --local-step")
-    if args.pipeline and (args.local_step or args.resume or args.ema or args.class_aware):
-        return error("--pipeline trains one schedule across processes: drop --local-step, --resume, --ema and "
+    if args.local_step:
+        return error("--local-step is renamed --execution sequential (fxrelay.LocalStep is --execution local)")
+    if args.execution == "sequential" and args.mode != "greedy":
+        return error("--execution sequential trains stage by stage with one head per stage: add --mode greedy")
+    if args.cache_prefix and args.execution != "sequential":
+        return error("--cache-prefix caches the frozen stages of --execution sequential: add --execution sequential")
+    if args.pipeline and (args.execution != "one-line" or args.resume or args.ema or args.class_aware):
+        return error("--pipeline trains one schedule across processes: drop --execution, --resume, --ema and "
                      "--class-aware")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     out = Path(args.out)

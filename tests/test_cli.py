@@ -227,7 +227,7 @@ def test_inspect_memory_and_tracing_flags():
     lines = result.stdout.splitlines()
     assert lines[3].split()[7] == "3"  # reason: the layer1 stage is the pool and its two blocks, each one node
     memory = lines[lines.index("expected peak of bytes saved for backward, batch 16 (greedy):") + 1:]
-    assert [line.split()[0] for line in memory] == ["one-line", "checkpointed", "local-step", "sequential"]
+    assert [line.split()[0] for line in memory] == ["one-line", "recompute", "local", "sequential"]
     bad = run("inspect", "tv:resnet18", "--autowrap", "nowhere.helper")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "fxrelay inspect: error: cannot import 'nowhere.helper' (No module named 'nowhere'): give "

@@ -11,6 +11,10 @@ def test_demo_trains_renders_deploys_saves(tmp_path, capsys):
     result = run_demo(tmp_path, epochs=1, train_size=256, val_size=128)
     assert [row[0] for row in result.rows] == ["standard", "relay"]
     assert [row[3] for row in result.rows] == [1, 3]
+    # one relay step per memory execution: the same gradients, less saved for backward by the local step
+    assert [name for name, _, _ in result.memory] == ["one-line", "local"]
+    (_, one_line, _), (_, local, diff) = result.memory
+    assert 0 < local < one_line and diff < 1e-5
     assert result.check.passed and result.check.max_diff < 1e-4 and result.check.precision == "float32"
     assert result.deployed_accuracy == result.rows[-1][1]
     assert result.batchnorms[0] > 0 and result.batchnorms[1] == 0

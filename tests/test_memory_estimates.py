@@ -43,7 +43,7 @@ def _rows(make, num_stages: int | None) -> list[tuple[str, int, int]]:
             rows.append((f"one-line {mode}", estimate["one-line"],
                          _saved(model, lambda: F.cross_entropy(model(x), y).backward())))
         local = fxrelay.LocalStep(model, F.cross_entropy)
-        rows.append((f"LocalStep {mode}", estimate["local-step"], _saved(model, lambda: local(x, y))))
+        rows.append((f"LocalStep {mode}", estimate["local"], _saved(model, lambda: local(x, y))))
         if mode == "greedy":
             for k, peak in enumerate(sequential_peaks(plan.stages, plan.heads)):
                 with train_stage(model, k) as step:

@@ -269,15 +269,32 @@ def test_train_py_resumes_bitwise_to_the_checkpoints_epochs(tmp_path, capsys, mo
                                        "it cannot change --lr (start a new run with another --out)\n")
 
 
-def test_train_py_local_step_with_too_few_epochs_is_one_line(tmp_path):
+def test_train_py_sequential_with_too_few_epochs_is_one_line(tmp_path):
     # reason: the tiny 16 px images trigger fxrelay's (right) warning that levels are lost; not what this checks
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore::UserWarning"}
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), *TINY, "--mode", "greedy",
-                             "--local-step", "--epochs", "3", "--out", str(tmp_path)],
+                             "--execution", "sequential", "--epochs", "3", "--out", str(tmp_path)],
                             capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr == ("train.py: error: the sequential greedy schedule trains each of the 4 stages for the "
                              "same number of epochs: epochs must be a positive multiple of 4, got 3\n")
+
+
+def test_train_py_local_step_says_it_is_renamed(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), "--local-step", "--out",
+                             str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (result.returncode, result.stderr) == (2, "train.py: error: --local-step is renamed --execution "
+                                                     "sequential (fxrelay.LocalStep is --execution local)\n")
+
+
+def test_train_py_local_execution_trains(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore::UserWarning"}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), *TINY, "--mode", "greedy",
+                             "--execution", "local", "--epochs", "1", "--out", str(tmp_path)],
+                            capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "training: greedy" in result.stdout and "(equal)" in result.stdout
 
 
 @pytest.mark.parametrize("name", ["train", "compare"])

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = fxrelay.plan_of(built[kind][0])
         median = statistics.median(times[kind])
         print(f"| {kind} | {median:.3f} | {median / base:.2f}x | {peaks[kind] / 2**20:.0f} | "
-              f"{plan.memory_estimate(args.batch)['local-step'] / 2**20:.0f} | "
+              f"{plan.memory_estimate(args.batch)['local'] / 2**20:.0f} | "
               f"{sum(h.params for h in plan.aux_heads) / 1e6:.2f}M | "
               f"{sum(h.flops for h in plan.aux_heads) / 1e9:.3f} | {plan.step_flops() / 1e9:.2f} |")
     return 0

@@ -48,7 +48,7 @@ from fxrelay.train.sequential import train_stage
 
 VARIANTS = ("untouched", "one-line greedy", "one-line relay", "checkpointed greedy", "checkpointed relay",
             "LocalStep greedy", "LocalStep relay", "LocalStep deep", "sequential greedy")
-_ESTIMATE_OF = {"one-line": "one-line", "checkpointed": "checkpointed", "LocalStep": "local-step",
+_ESTIMATE_OF = {"one-line": "one-line", "checkpointed": "recompute", "LocalStep": "local",
                 "sequential": "sequential"}
 
 

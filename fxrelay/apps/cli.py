@@ -208,7 +208,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     plan = _transformed(args)[1]
     print(plan)
     if args.memory:
-        executions = ("one-line", "checkpointed") if args.mode is None else tuple(plan.memory_estimate())
+        executions = ("one-line", "recompute") if args.mode is None else tuple(plan.memory_estimate())
         print(f"\nexpected peak of bytes saved for backward, batch {args.memory} "
               f"({'plain backprop' if args.mode is None else args.mode}):")
         for name in executions:

@@ -29,16 +29,20 @@ from ..deployment.deploy import deploy
 from ..deployment.fold import count_batchnorms
 from ..diagrams.render import GraphvizNotFound, render
 from ..passes.rewrite import plan_of
+from ..train.executions import TrainingStep
 from ..train.loop import History, evaluate, fit
+from ..train.memory import SavedBytes
 from ..io.saving import ModelSpec, save
 from ..io.zoo import check_model_name
 
-__all__ = ["DemoResult", "DeployCheck", "run_demo", "check_deployed", "TOLERANCE", "IMAGE_SIZE", "RUNS"]
+__all__ = ["DemoResult", "DeployCheck", "run_demo", "check_deployed", "TOLERANCE", "IMAGE_SIZE", "RUNS",
+           "MEMORY_EXECUTIONS", "measure_executions"]
 
 TOLERANCE = 1e-4
 """Deployed vs trained: max |difference| <= TOLERANCE * max(1, max |trained output|)."""
 IMAGE_SIZE = 32
 RUNS = ("standard", "relay")  # reason: the modes trained, in order; the last is deployed
+MEMORY_EXECUTIONS = ("one-line", "local")  # reason: what SavedBytes sees (recompute's is inside torch.utils.checkpoint)
 _LOADING = {
     ".pt2": "deployed model: fxrelay.load(path), or without fxrelay torch.export.load(path).module()",
     ".pt": "trained model with its heads: fxrelay.load(path) (torch.load(path, weights_only=True) reads it)",
@@ -85,11 +89,16 @@ class DemoResult:
     batchnorms: tuple[int, int] = (0, 0)
     files: list[Path] = field(default_factory=list)
     chance: float = 0.0
+    memory: list[tuple[str, float, float]] = field(default_factory=list)  # execution, saved MB, max |grad diff|
 
     def __str__(self) -> str:
         lines = [f"fxrelay demo: {self.model} on generated shapes (chance {self.chance:.1%})", "",
                  f"{'mode':<10}{'val acc':>9}{'train s':>9}{'heads':>7}"]
         lines += [f"{mode:<10}{acc:>9.1%}{secs:>9.1f}{heads:>7}" for mode, acc, secs, heads in self.rows]
+        if self.memory:
+            lines += ["", "one relay step, per execution (same gradients, different memory):",
+                      f"{'execution':<10}{'saved MB':>9}  max |grad - one-line grad|"]
+            lines += [f"{name:<10}{mb:>9.2f}  {diff:.1e}" for name, mb, diff in self.memory]
         lines += ["", f"deployed (relay, BN folded {self.batchnorms[0]} -> {self.batchnorms[1]}): "
                       f"val acc {self.deployed_accuracy:.1%}",
                   f"deployed computes what the trained model does: {self.check}", "", "files written:"]
@@ -132,6 +141,7 @@ def run_demo(out_dir: str | Path = "out/demo", *, model_name: str = "resnet10t",
                           on_epoch_end=functools.partial(_show_epoch, bar, epochs))
         result.rows.append((recipe.mode, history.val_accuracy[-1], time.perf_counter() - tic,
                             len(plan_of(model).heads)))
+    result.memory = measure_executions(model, next(iter(val_loader)), num_classes)
     trained = model.eval()
     out.mkdir(parents=True, exist_ok=True)
     result.files += _render(trained, out, model_name)
@@ -142,6 +152,28 @@ def run_demo(out_dir: str | Path = "out/demo", *, model_name: str = "resnet10t",
     result.files.append(save(deployed, out / "deployed_relay.pt2", example_input=next(iter(val_loader))[0][:2]))
     result.files.append(save(trained, out / "trained_relay.pt", recipe=recipes[-1]))
     return result
+
+
+def measure_executions(model: torch.nn.Module, batch: tuple, num_classes: int,
+                       executions: tuple[str, ...] = MEMORY_EXECUTIONS) -> list[tuple[str, float, float]]:
+    """Per execution, the peak MB saved for backward (:class:`fxrelay.SavedBytes`) by one training step of
+    ``model`` on ``batch``, and how far its gradients are from the one-line step's (BN statistics restored)."""
+    x, y = batch[0][:64], batch[1][:64]
+    criterion = torch.nn.CrossEntropyLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    rows, reference = [], None
+    for name in executions:
+        model.load_state_dict(buffers, strict=False)
+        model.train().zero_grad(set_to_none=True)
+        with SavedBytes(exclude=params) as saved:
+            TrainingStep(model, criterion, name)(x, y)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        reference = reference or grads
+        rows.append((name, saved.peak / 2**20, max((g - r).abs().max().item() for g, r in zip(grads, reference))))
+    model.load_state_dict(buffers, strict=False)
+    model.zero_grad(set_to_none=True)
+    return rows
 
 
 def check_deployed(trained: torch.nn.Module, deployed: torch.nn.Module, loader: DataLoader) -> DeployCheck:

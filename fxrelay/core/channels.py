@@ -124,8 +124,8 @@ def memory_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> dict[str, in
     """Expected peak bytes per sample saved for backward, for each way of executing a training step.
 
     * ``one-line``: ``loss.backward()`` after the whole forward: every stage and head;
-    * ``checkpointed``: stage outputs kept, one stage's activations recomputed at a time;
-    * ``local-step``: :class:`fxrelay.LocalStep`: a stage lives until the last window
+    * ``recompute``: stage outputs kept, one stage's activations recomputed at a time;
+    * ``local``: :class:`fxrelay.LocalStep`: a stage lives until the last window
       containing it has been backpropagated, and keeps the input it saved after the stage
       that made it is freed;
     * ``sequential``: the lean sequential schedule training one stage, the prefix frozen.
@@ -140,7 +140,7 @@ def memory_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> dict[str, in
     ...                 detached_saved_bytes=9, input_saved_bytes=1) for k in range(4)]
     >>> heads = [Head(j, j, (j, j), 0.3, "auto") for j in range(3)] + [Head(3, 3, (3, 3), 1.0, "main")]
     >>> memory_peaks(stages, heads)
-    {'one-line': 32, 'checkpointed': 12, 'local-step': 9, 'sequential': 9}
+    {'one-line': 32, 'recompute': 12, 'local': 9, 'sequential': 9}
     """
     heads = heads or (Head(0, len(stages) - 1, (0, len(stages) - 1), 1.0, MAIN),)
     detached = [k == 0 or not any(scope.input_channels)
@@ -163,8 +163,8 @@ def memory_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> dict[str, in
                  + alone[t] for t in range(len(stages))), default=0)
     return {
         "one-line": sum(own[k] + head[k] for k in trained),
-        "checkpointed": sum(s.boundary_bytes for s in stages) + max((own[k] + head[k] for k in trained), default=0),
-        "local-step": local,
+        "recompute": sum(s.boundary_bytes for s in stages) + max((own[k] + head[k] for k in trained), default=0),
+        "local": local,
         "sequential": max(sequential_peaks(stages, heads), default=0),
     }
 

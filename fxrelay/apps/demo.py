@@ -31,18 +31,18 @@ from ..diagrams.render import GraphvizNotFound, render
 from ..passes.rewrite import plan_of
 from ..train.executions import TrainingStep
 from ..train.loop import History, evaluate, fit
-from ..train.memory import SavedBytes
+from ..train.memory import AllocatedBytes, SavedBytes
 from ..io.saving import ModelSpec, save
 from ..io.zoo import check_model_name
 
 __all__ = ["DemoResult", "DeployCheck", "run_demo", "check_deployed", "TOLERANCE", "IMAGE_SIZE", "RUNS",
-           "MEMORY_EXECUTIONS", "measure_executions"]
+           "MEMORY_EXECUTIONS", "ExecutionMemory", "measure_executions"]
 
 TOLERANCE = 1e-4
 """Deployed vs trained: max |difference| <= TOLERANCE * max(1, max |trained output|)."""
 IMAGE_SIZE = 32
 RUNS = ("standard", "relay")  # reason: the modes trained, in order; the last is deployed
-MEMORY_EXECUTIONS = ("one-line", "local")  # reason: what SavedBytes sees (recompute's is inside torch.utils.checkpoint)
+MEMORY_EXECUTIONS = ("one-line", "recompute", "local")
 _LOADING = {
     ".pt2": "deployed model: fxrelay.load(path), or without fxrelay torch.export.load(path).module()",
     ".pt": "trained model with its heads: fxrelay.load(path) (torch.load(path, weights_only=True) reads it)",
@@ -78,6 +78,20 @@ class DeployCheck:
         return f"{verdict}: {text}"
 
 
+@dataclass(frozen=True)
+class ExecutionMemory:
+    """One relay training step under one execution: its memory peaks and its gradients' distance to the one-line
+    step's."""
+
+    execution: str
+    saved_mb: float
+    allocated_mb: float
+    grad_diff: float
+
+    def __str__(self) -> str:
+        return f"{self.execution:<11}{self.saved_mb:>9.2f}{self.allocated_mb:>14.2f}  {self.grad_diff:.1e}"
+
+
 @dataclass
 class DemoResult:
     """What the demo measured and wrote."""
@@ -89,7 +103,7 @@ class DemoResult:
     batchnorms: tuple[int, int] = (0, 0)
     files: list[Path] = field(default_factory=list)
     chance: float = 0.0
-    memory: list[tuple[str, float, float]] = field(default_factory=list)  # execution, saved MB, max |grad diff|
+    memory: list[ExecutionMemory] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"fxrelay demo: {self.model} on generated shapes (chance {self.chance:.1%})", "",
@@ -97,8 +111,10 @@ class DemoResult:
         lines += [f"{mode:<10}{acc:>9.1%}{secs:>9.1f}{heads:>7}" for mode, acc, secs, heads in self.rows]
         if self.memory:
             lines += ["", "one relay step, per execution (same gradients, different memory):",
-                      f"{'execution':<10}{'saved MB':>9}  max |grad - one-line grad|"]
-            lines += [f"{name:<10}{mb:>9.2f}  {diff:.1e}" for name, mb, diff in self.memory]
+                      f"{'execution':<11}{'saved MB':>9}{'allocated MB':>14}  max |grad - one-line grad|"]
+            lines += [str(row) for row in self.memory]
+            lines.append("  saved: fxrelay.SavedBytes peak (recompute's saves inside torch.utils.checkpoint are not "
+                         "seen); allocated: fxrelay.AllocatedBytes peak")
         lines += ["", f"deployed (relay, BN folded {self.batchnorms[0]} -> {self.batchnorms[1]}): "
                       f"val acc {self.deployed_accuracy:.1%}",
                   f"deployed computes what the trained model does: {self.check}", "", "files written:"]
@@ -155,9 +171,10 @@ def run_demo(out_dir: str | Path = "out/demo", *, model_name: str = "resnet10t",
 
 
 def measure_executions(model: torch.nn.Module, batch: tuple, num_classes: int,
-                       executions: tuple[str, ...] = MEMORY_EXECUTIONS) -> list[tuple[str, float, float]]:
-    """Per execution, the peak MB saved for backward (:class:`fxrelay.SavedBytes`) by one training step of
-    ``model`` on ``batch``, and how far its gradients are from the one-line step's (BN statistics restored)."""
+                       executions: tuple[str, ...] = MEMORY_EXECUTIONS) -> list[ExecutionMemory]:
+    """Per execution, the peak MB saved for backward (:class:`fxrelay.SavedBytes`) and allocated
+    (:class:`fxrelay.AllocatedBytes`) by one training step of ``model`` on ``batch``, and how far its gradients
+    are from the one-line step's (BN statistics restored before each)."""
     x, y = batch[0][:64], batch[1][:64]
     criterion = torch.nn.CrossEntropyLoss()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -166,11 +183,13 @@ def measure_executions(model: torch.nn.Module, batch: tuple, num_classes: int,
     for name in executions:
         model.load_state_dict(buffers, strict=False)
         model.train().zero_grad(set_to_none=True)
-        with SavedBytes(exclude=params) as saved:
-            TrainingStep(model, criterion, name)(x, y)
+        step = TrainingStep(model, criterion, name)
+        with SavedBytes(exclude=params) as saved, AllocatedBytes() as allocated:
+            step(x, y)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         reference = reference or grads
-        rows.append((name, saved.peak / 2**20, max((g - r).abs().max().item() for g, r in zip(grads, reference))))
+        diff = max((g - r).abs().max().item() for g, r in zip(grads, reference))
+        rows.append(ExecutionMemory(name, saved.peak / 2**20, allocated.peak / 2**20, diff))
     model.load_state_dict(buffers, strict=False)
     model.zero_grad(set_to_none=True)
     return rows

@@ -53,7 +53,8 @@ import fxrelay  # noqa: E402
 import fxrelay.passes.heads  # noqa: E402,F401  (the head kinds a run spec may name)
 import fxrelay.models  # noqa: E402,F401  (registers plainnet* and cliquenet* with timm)
 from fxrelay.io.zoo import load_model  # noqa: E402
-from fxrelay.train.loop import Recipe, fit  # noqa: E402
+from fxrelay.train.loop import fit  # noqa: E402
+from fxrelay.train.recipe import Recipe  # noqa: E402
 
 MODES = ("standard", "deep", "relay-w1", "relay-w2", "relay-w3", "greedy")
 DEFAULT_WINDOW = 2

@@ -52,8 +52,12 @@ import fxrelay
 from fxrelay.core.choices import EXECUTIONS
 from fxrelay.apps.cli import UsageError
 from fxrelay.io.zoo import load_model
-from fxrelay.train.loop import (History, Recipe, Trainer, evaluate, load_checkpoint, lr_schedule, make_optimizer,
-                                no_weight_decay_names)
+from fxrelay.train.checkpoints import load_checkpoint
+from fxrelay.train.evaluation import evaluate
+from fxrelay.train.history import History
+from fxrelay.train.loop import Trainer
+from fxrelay.train.optimizers import lr_schedule, make_optimizer, no_weight_decay_names
+from fxrelay.train.recipe import Recipe
 from fxrelay.train.parallel import StageParallel
 
 DEFAULT_EPOCHS = 5

@@ -41,6 +41,7 @@ _EXPORTS = {
     "fxrelay.diagrams.render": ("GraphvizNotFound", "render", "render_graph"),
     "fxrelay.data": ("ClassAwareSampler", "Digits", "Shapes"),
     "fxrelay.train.loop": ("Trainer", "fit"),
+    "fxrelay.train.recipe": ("Recipe",),
     "fxrelay.train.memory": ("AllocatedBytes", "SavedBytes"),
     "fxrelay.train.localstep": ("LocalStep", "LocalStepResult"),
     "fxrelay.train.parallel": ("StageParallel",),

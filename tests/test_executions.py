@@ -355,7 +355,8 @@ def test_first_step_gradients_are_the_same_for_every_execution():
 def test_fit_trains_resnet10t_with_every_execution(execution):
     from torch.utils.data import DataLoader
 
-    from fxrelay.train.loop import Recipe, fit
+    from fxrelay.train.loop import fit
+    from fxrelay.train.recipe import Recipe
 
     model = _resnet10t()
     stages = len(fxrelay.plan_of(model).stages)

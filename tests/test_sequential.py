@@ -9,7 +9,8 @@ import fxrelay
 from fxrelay.core.modules import training_mode
 from fxrelay.train.sequential import StageStep, greedy_schedule, prefix_cache, train_stage
 from fxrelay.train.executions import TrainingStep
-from fxrelay.train.loop import Recipe, Trainer
+from fxrelay.train.loop import Trainer
+from fxrelay.train.recipe import Recipe
 
 
 class Chain(nn.Module):

@@ -16,8 +16,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import fxrelay
-from fxrelay.train.loop import (History, Recipe, Trainer, evaluate, evaluate_heads, fit, load_checkpoint,
-                              no_weight_decay_names)
+from fxrelay.train.checkpoints import load_checkpoint
+from fxrelay.train.evaluation import evaluate, evaluate_heads
+from fxrelay.train.history import History
+from fxrelay.train.loop import Trainer, fit
+from fxrelay.train.optimizers import no_weight_decay_names
+from fxrelay.train.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

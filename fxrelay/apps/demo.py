@@ -30,7 +30,9 @@ from ..deployment.fold import count_batchnorms
 from ..diagrams.render import GraphvizNotFound, render
 from ..passes.rewrite import plan_of
 from ..train.executions import TrainingStep
-from ..train.loop import History, evaluate, fit
+from ..train.evaluation import evaluate
+from ..train.history import History
+from ..train.loop import fit
 from ..train.memory import AllocatedBytes, SavedBytes
 from ..io.saving import ModelSpec, save
 from ..io.zoo import check_model_name

@@ -9,4 +9,4 @@ BOUNDARIES = ("auto", "pool", "blocks")
 BALANCES = ("auto", "flops", "memory", "recompute")
 LEVELS = ("stage", "node")
 FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf", ".dot": None, ".gv": None}  # reason: suffix -> graphviz
-EXECUTIONS = ("one-line", "recompute", "local", "sequential")  # reason: how a training step runs (fxrelay.train.loop)
+EXECUTIONS = ("one-line", "recompute", "local", "sequential")  # reason: how a training step runs (fxrelay.train.executions)

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision.transforms.v2 import RandomCrop  # noqa: E402
 
 import fxrelay  # noqa: E402
-import fxrelay.passes.heads  # noqa: E402,F401  (the head kinds a run spec may name)
+from fxrelay.core.choices import HEAD_KINDS  # noqa: E402  (the head kinds a run spec may name)
 import fxrelay.models  # noqa: E402,F401  (registers plainnet* and cliquenet* with timm)
 from fxrelay.io.zoo import load_model  # noqa: E402
 from fxrelay.train.loop import fit  # noqa: E402
@@ -83,9 +83,9 @@ def parse_run(spec: str) -> tuple[str, int, Any]:
     """
     mode, _, kind = spec.partition(":")
     name, *options = (kind or "auto").split("-")
-    if name not in fxrelay.passes.heads.HEADS or (options and name != "downstream"):
+    if name not in HEAD_KINDS or (options and name != "downstream"):
         raise ValueError(f"unknown head kind {kind!r} in {spec!r}: choose from "
-                         f"{', '.join(fxrelay.passes.heads.HEADS)} or downstream-dD-xW")
+                         f"{', '.join(HEAD_KINDS)} or downstream-dD-xW")
     if not options:
         return (*parse_mode(mode), name)
     values = {o[:1]: o[1:] for o in options}

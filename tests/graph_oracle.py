@@ -114,7 +114,7 @@ def _head_logits(model: nn.Module, x: torch.Tensor, j: int) -> torch.Tensor:
     plan = fxrelay.plan_of(model)
     gm = original_graph(plan)
     head = plan.heads[j]
-    lo, a = head.window
+    lo, a = head.span
     stage_of = {name: s.index for s in plan.stages for name in s.nodes}
     missing = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output") and n.name not in stage_of]
     assert not missing, f"oracle: nodes in no stage: {missing}"

@@ -28,7 +28,7 @@ def oracle_grads(model, x, y):
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     for j, head in enumerate(plan.heads):
-        lo, a = head.window
+        lo, a = head.span
         env = {plan.input_names[0]: x}
         _run(plan, stages, env, range(lo), grad=False)
         _run(plan, stages, env, range(lo, a + 1), grad=True)

@@ -45,7 +45,7 @@ def test_inspect_mode_shows_heads_and_windows(capsys):
     assert main(["inspect", "tv:resnet18", "--input-size", "64", "--mode", "relay", "--window", "3"]) == 0
     out = capsys.readouterr().out
     assert "mode=relay" in out.splitlines()[0]
-    heads = out.split("head  stage  window")[1].splitlines()[1:4]
+    heads = out.split("head  stage  trains")[1].splitlines()[1:4]
     assert [line.split()[:5] for line in heads] == [["0", "2", "0..2", "0.3", "auto"], ["1", "3", "1..3", "0.3", "auto"],
                                                     ["2", "4", "2..4", "1", "main"]]
 

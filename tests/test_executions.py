@@ -155,7 +155,7 @@ def test_bug3_the_wiring_rule_detaches_below_and_above_a_window():
     t = wiring.producer[features]
     for h in plan.heads:
         pos = wiring.head_values[h.index].index(features)
-        assert wiring.head_channel(h.index, pos) == (h.window[0] if h.window[0] <= t <= h.stage else None)
+        assert wiring.head_channel(h.index, pos) == (h.span[0] if h.span[0] <= t <= h.stage else None)
 
 
 # --- bug 4: no gradients ---

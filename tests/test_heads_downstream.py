@@ -202,13 +202,13 @@ def test_plan_table_and_inspect_show_head_cost_relative_to_its_stage(capsys):
     model = _transform(torchvision.models.resnet18(num_classes=1000), torch.randn(2, 3, 32, 32),
                        head_kind="downstream")
     plan = fxrelay.plan_of(model)
-    rows = out.split("head  stage  window")[1].splitlines()[1:5]
+    rows = out.split("head  stage  trains")[1].splitlines()[1:5]
     for row, h in zip(rows, plan.aux_heads):
         stage = plan.stages[h.stage]
         assert row.split()[4:8] == ["downstream", si(h.params), f"{h.flops / 1e9:.3g}",
                                     f"{times(h.params, stage.params)}/{times(h.flops, stage.flops)}"]
         assert row.endswith(h.layers)
-    assert str(plan).split("head  stage  window")[1].splitlines()[1:5] == rows
+    assert str(plan).split("head  stage  trains")[1].splitlines()[1:5] == rows
 
 
 def test_compare_run_specs_name_the_head_kind():

@@ -93,10 +93,10 @@ def _pipeline_worker(rank: int, init: str) -> None:
             {h.index for h in parallel.plan.heads if h.stage in parallel.stages}
         # reason: window (1, 2) spans the boundary 1|2; stage 3 reads stage 1's output and an int across it
         parallel, _ = _check(SkipNet, "relay", {"head_stages": [1, 2], "window": 2}, shards, stages_per_rank=[2, 2])
-        assert [h.window for h in parallel.plan.heads] == [(0, 1), (1, 2), (2, 3)]
+        assert [h.span for h in parallel.plan.heads] == [(0, 1), (1, 2), (2, 3)]
         # reason: windows (0, 1), (0, 2) and (1, 3) all span the boundary 0|1
         parallel, _ = _check(SkipNet, "relay", {"head_stages": [1, 2], "window": 3}, shards, stages_per_rank=[1, 3])
-        assert [h.window for h in parallel.plan.heads] == [(0, 1), (0, 2), (1, 3)]
+        assert [h.span for h in parallel.plan.heads] == [(0, 1), (0, 2), (1, 3)]
         parallel = StageParallel(fxrelay.transform(SkipNet(), "greedy", example_input=shards[0][0][:1].float()),
                                  lambda params: torch.optim.SGD(params, lr=0.5), verbose=False)
         parallel.step(shards[0][0].float(), shards[0][1])

@@ -195,7 +195,7 @@ def test_bug5_autograd_grad_equals_backward():
 def _overlap_stages(plan: fxrelay.Plan) -> list[int]:
     """The stages that windows with different lower ends cover (relay's overlaps)."""
     overlap = [s for s in range(len(plan.stages))
-               if len({h.window[0] for h in plan.heads if h.window[0] <= s <= h.window[1]}) > 1]
+               if len({h.span[0] for h in plan.heads if h.span[0] <= s <= h.span[1]}) > 1]
     assert overlap, "the test model needs overlapping windows"
     return overlap
 

@@ -87,14 +87,14 @@ def test_stage_level_relay(plan):
     assert {f"stage_{i}" for i in range(num_stages)} | {f"head_{h.index}" for h in relay.heads} | {"legend"} \
         <= set(items["node"])
     text = " ".join(items["text"])
-    lo, hi = relay.heads[0].window
+    lo, hi = relay.heads[0].span
     assert f"loss 0 (head at stage {hi}, auto, w=0.3) trains stages {lo}–{hi}" in text
     assert f"loss {len(relay.heads) - 1} (head at stage {num_stages - 1}, main, w=1)" in text
     # reason: single-tensor cuts; windows start at 0, 2, 3, ..., S-2: one scope per start above 0
     assert all(len(s.inputs) == 1 for s in plan.stages)
     assert sum(n.startswith("scope_") for n in items["node"]) == num_stages - 3
     chips = [n for n in items["node"] if n.startswith("window_")]
-    assert len(chips) == sum(h.window[1] - h.window[0] + 1 for h in relay.heads)
+    assert len(chips) == sum(h.span[1] - h.span[0] + 1 for h in relay.heads)
 
 
 @needs_dot
@@ -122,12 +122,12 @@ def test_stage_layout_columns(plan, mode):
     layout = json.loads(render_graph(drawn, "stage").pipe(format="json"))
     x = {o["name"]: float(o["pos"].split(",")[0]) for o in layout["objects"] if "pos" in o}
     for stage in drawn.stages:
-        chips = [x[f"window_{h.index}_{stage.index}"] for h in drawn.heads if h.window[0] <= stage.index <= h.window[1]]
+        chips = [x[f"window_{h.index}_{stage.index}"] for h in drawn.heads if h.span[0] <= stage.index <= h.span[1]]
         heads = [x[f"head_{h.index}"] for h in drawn.heads if h.stage == stage.index]
         row = chips + [x[f"stage_{stage.index}"]] + heads
         assert row == sorted(row)
     for h in drawn.heads:
-        assert len({x[f"window_{h.index}_{k}"] for k in range(h.window[0], h.window[1] + 1)}) == 1
+        assert len({x[f"window_{h.index}_{k}"] for k in range(h.span[0], h.span[1] + 1)}) == 1
     width_px = float(layout["bb"].split(",")[2]) * 96 / 72
     assert width_px < 800
 

@@ -29,7 +29,7 @@ def trained():
 
 
 def heads_of(model):
-    return [h.window for h in fxrelay.plan_of(model).heads]
+    return [h.span for h in fxrelay.plan_of(model).heads]
 
 
 def test_trained_model_reloads_strictly_and_exactly(trained, tmp_path):

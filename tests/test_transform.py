@@ -66,8 +66,8 @@ def test_relay_windows_match_oracle(window):
     model = fxrelay.transform(torchvision.models.resnet18(num_classes=10).double(), "relay", window=window,
                               head_stages=[1, 2, 3], example_input=x)
     plan = fxrelay.plan_of(model)
-    assert plan.heads[0].window == (0, 1)  # reason: the lowest head's window reaches stage 0
-    assert [h.window[0] for h in plan.heads[1:]] == [max(0, a - window + 1) for a in (2, 3, 4)]
+    assert plan.heads[0].span == (0, 1)  # reason: the lowest head's window reaches stage 0
+    assert [h.span[0] for h in plan.heads[1:]] == [max(0, a - window + 1) for a in (2, 3, 4)]
     assert_close(one_line_grads(model, x, y), oracle_grads(model, x, y))
 
 
@@ -197,7 +197,7 @@ def test_heads_options():
     model = fxrelay.transform(base, head_stages=[2], head_kind=tiny, example_input=x)
     assert fxrelay.plan_of(model).heads[0].kind == "tiny"
     greedy = fxrelay.plan_of(fxrelay.transform(base, "greedy", example_input=x))
-    assert [h.window for h in greedy.heads] == [(s, s) for s in range(5)]
+    assert [h.span for h in greedy.heads] == [(s, s) for s in range(5)]
 
 
 def test_token_features_get_token_heads():
@@ -258,3 +258,11 @@ def test_copies_train_the_same(clone):
     for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), k
     assert not set(map(id, model.parameters())) & set(map(id, twin.parameters()))
+
+
+def test_a_head_pickled_before_window_was_renamed_span_loads_with_its_span():
+    head = fxrelay.Head(0, 2, (1, 2), 0.3, "auto", flops=5, params=7)
+    new = pickle.dumps(head, protocol=0)
+    assert b"Vspan\n" in new  # reason: a Head pickles its fields by name
+    old = new.replace(b"Vspan\n", b"Vwindow\n")  # reason: the bytes a pickle from before the rename holds
+    assert pickle.loads(old) == head

@@ -1,9 +1,9 @@
 """Gradient channels: which losses' gradients cross which stage boundary, and what that costs.
 
-A loss ``j`` trains the stages of its window ``[lo_j, a_j]``; below ``lo_j`` the stage
+A loss ``j`` trains the stages of its span ``[lo_j, a_j]``; below ``lo_j`` the stage
 inputs are constants for it. Losses with the same ``lo`` propagate identically below
 their heads, so they form one *gradient channel*, named by that ``lo``. A stage is
-covered by the channels of the losses whose window contains it:
+covered by the channels of the losses whose span contains it:
 
 * one channel (every stage in ``deep`` and ``standard``, every stage in ``greedy``):
   the stage is a plain call; an input produced below the channel's ``lo`` is detached;
@@ -76,7 +76,7 @@ def gradient_channels(producers: Sequence[Sequence[int]], heads: Sequence[Head])
     Args:
         producers: per stage, the producing stage of each input (see
             :func:`producing_stages`; -1 for model inputs).
-        heads: the heads with their windows.
+        heads: the heads with their spans.
     """
     scopes = []
     for s, inputs in enumerate(producers):
@@ -89,11 +89,11 @@ def stopping_losses(heads: Sequence[Head], producer: int, consumer: int) -> tupl
     """Indices of the losses whose gradient stops on the edge from stage ``producer`` to
     stage ``consumer`` (they train ``consumer`` but not ``producer``): the edges a picture marks."""
     stopped = {c for c in _channels_at(heads, consumer) if not _continues(c, producer)}
-    return tuple(h.index for h in heads if h.window[0] in stopped and h.window[0] <= consumer <= h.window[1])
+    return tuple(h.index for h in heads if h.span[0] in stopped and h.span[0] <= consumer <= h.span[1])
 
 
 def _channels_at(heads: Sequence[Head], stage: int) -> tuple[int, ...]:
-    return tuple(sorted({h.window[0] for h in heads if h.window[0] <= stage <= h.window[1]}))
+    return tuple(sorted({h.span[0] for h in heads if h.span[0] <= stage <= h.span[1]}))
 
 
 def _continues(channel: int, producer: int) -> bool:
@@ -125,7 +125,7 @@ def memory_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> dict[str, in
 
     * ``one-line``: ``loss.backward()`` after the whole forward: every stage and head;
     * ``recompute``: stage outputs kept, one stage's activations recomputed at a time;
-    * ``local``: :class:`fxrelay.LocalStep`: a stage lives until the last window
+    * ``local``: :class:`fxrelay.LocalStep`: a stage lives until the last span
       containing it has been backpropagated, and keeps the input it saved after the stage
       that made it is freed;
     * ``sequential``: the lean sequential schedule training one stage, the prefix frozen.
@@ -151,7 +151,7 @@ def memory_peaks(stages: Sequence[Stage], heads: Sequence[Head]) -> dict[str, in
     # reason: without the stage above, an aux head keeps the output it reads (a stage ending with a pool)
     alone = [h + (s.unsaved_output_bytes if any(a.stage == s.index for a in heads if not a.is_main) else 0)
              for h, s in zip(head, stages)]
-    last = [max((h.window[1] for h in heads if h.window[0] <= k <= h.window[1]), default=-1)
+    last = [max((h.span[1] for h in heads if h.span[0] <= k <= h.span[1]), default=-1)
             for k in range(len(stages))]
     trained = [k for k in range(len(stages)) if last[k] >= 0]
 

@@ -4,7 +4,7 @@ They are frozen dataclasses without behaviour of their own; :class:`fxrelay.Plan
 (:mod:`fxrelay.core.plan`) puts them together with the traced graph.
 
 Example:
-    >>> Head(index=0, stage=2, window=(0, 2), weight=0.3, kind="auto").is_main
+    >>> Head(index=0, stage=2, span=(0, 2), weight=0.3, kind="auto").is_main
     False
 """
 
@@ -67,12 +67,13 @@ class Stage:
 
 @dataclass(frozen=True)
 class Head:
-    """A loss: a classifier reading one stage, and the window of stages it trains.
+    """A loss: a classifier reading one stage, and the span of stages it trains.
 
     Attributes:
         index: position in ``plan.heads`` (the model's own classifier is last).
         stage: the stage whose main output the head reads (``a_j``).
-        window: ``(lo, hi)``, the stages the head's loss trains; ``hi == stage``.
+        span: ``(lo, hi)``, the stages the head's loss trains; ``hi == stage``
+            (``transform(window=w)`` is the relay span's length: ``lo = max(0, stage - w + 1)``).
         weight: the loss weight (1 for the main head).
         kind: ``"main"`` for the model's own classifier, else the head factory's name
             (``"auto"``, ``"linear"``, ``"layercnn"``, ``"dgl"``, ``"model"``, a callable's name).
@@ -85,7 +86,7 @@ class Head:
 
     index: int
     stage: int
-    window: tuple[int, int]
+    span: tuple[int, int]
     weight: float
     kind: str
     flops: int = 0
@@ -97,6 +98,12 @@ class Head:
     def is_main(self) -> bool:
         """Whether this is the model's own classifier (the last head)."""
         return self.kind == MAIN
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # reason: a model pickled before the rename stores the span under its old name, "window"
+        if "window" in state:
+            state = {("span" if k == "window" else k): v for k, v in state.items()}
+        self.__dict__.update(state)
 
 
 @dataclass(frozen=True)

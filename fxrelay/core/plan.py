@@ -2,7 +2,7 @@
 
 A Plan is a frozen value: the traced graph, its stages (contiguous runs of fx nodes
 separated by cuts), the tracing configuration the graph was made with, and, once
-:func:`fxrelay.transform` has chosen them, the heads and the window of stages each
+:func:`fxrelay.transform` has chosen them, the heads and the span of stages each
 head's loss trains. It holds no caches and runs nothing: splitting it into stage
 modules is :func:`fxrelay.split_stages`, running them :func:`fxrelay.run_stages`.
 Its costs are arithmetic over its values (:mod:`fxrelay.core.channels`).
@@ -114,7 +114,7 @@ class Plan:
         Overlap stages re-run their input-gradient pass once per gradient channel that
         continues below them (see :func:`fxrelay.core.channels.backward_flops`).
         """
-        deep = tuple(replace(h, window=(0, h.stage)) for h in self.heads)
+        deep = tuple(replace(h, span=(0, h.stage)) for h in self.heads)
         return backward_flops(self.stages, self.heads) / backward_flops(self.stages, deep)
 
     def step_flops(self) -> int:
@@ -143,8 +143,8 @@ class Plan:
         lines += table(rows, left=(1,))
         if self.heads:
             lines.append("")
-            rows = [("head", "stage", "window", "weight", "kind", "params", "GFLOPs", "vs stage", "layers")]
-            rows += [(str(h.index), str(h.stage), f"{h.window[0]}..{h.window[1]}", f"{h.weight:g}", h.kind,
+            rows = [("head", "stage", "trains", "weight", "kind", "params", "GFLOPs", "vs stage", "layers")]
+            rows += [(str(h.index), str(h.stage), f"{h.span[0]}..{h.span[1]}", f"{h.weight:g}", h.kind,
                       si(h.params), f"{h.flops / 1e9:.3g}", _versus(h, self.stages[h.stage]), h.layers)
                      for h in self.heads]
             lines += table(rows, left=(4,))

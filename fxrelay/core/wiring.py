@@ -6,10 +6,10 @@ one-line graph (:mod:`fxrelay.passes.emit`) and the stage-by-stage engine
 same loss. Stage inputs follow :func:`fxrelay.core.channels.gradient_channels`; heads
 follow :func:`read_channel`:
 
-* head ``j`` (window ``[lo_j, a_j]``) reads a value produced by a stage ``t`` with
+* head ``j`` (span ``[lo_j, a_j]``) reads a value produced by a stage ``t`` with
   ``lo_j <= t <= a_j`` in its own channel ``lo_j`` (its gradient trains ``t``);
 * a value produced below ``lo_j`` is detached for head ``j`` (as the gradient oracle
-  does: the head's loss sees the stages below its window as constants); a model input
+  does: the head's loss sees the stages below its span as constants); a model input
   is differentiable only for heads with ``lo_j == 0``;
 * a value produced by a stage above ``a_j`` is detached for head ``j``: a head never
   trains the stages above it (its loss then waits until that value exists).
@@ -60,7 +60,7 @@ class Read:
 def read_channel(head: Head, producer: int) -> int | None:
     """The channel head ``head`` reads a value made by stage ``producer`` in (-1: a model input;
     ``None``: detached for this head)."""
-    lo, top = head.window[0], head.stage
+    lo, top = head.span[0], head.stage
     if producer < 0:
         return 0 if lo == 0 else None
     return lo if lo <= producer <= top else None

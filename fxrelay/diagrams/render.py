@@ -246,7 +246,7 @@ def _loss_colour(head: Head) -> str:
 
 
 def _trains(head: Head, stage: int) -> bool:
-    return head.window[0] <= stage <= head.window[1]
+    return head.span[0] <= stage <= head.span[1]
 
 
 def _draw_stage_row(cluster: graphviz.Digraph, plan: Plan, stage: Stage, box_of: dict[str, str]) -> None:
@@ -279,7 +279,7 @@ def _shape_of(stage: Stage) -> str:
 def _draw_windows(graph: graphviz.Digraph, plan: Plan) -> None:
     """Stage level: join a loss's chips from stage to stage into one coloured bar."""
     for head in plan.heads:
-        for k in range(*head.window):
+        for k in range(*head.span):
             graph.edge(f"window_{head.index}_{k}", f"window_{head.index}_{k + 1}", weight="20", arrowhead="none",
                        penwidth="5", color=_loss_colour(head))
 
@@ -390,12 +390,12 @@ def _legend(plan: Plan, title: str) -> str:
             f"{len(plan.stages)} stages · {si(sum(p.numel() for p in plan.graph_module.parameters()))} params · "
             f"{total_flops / 1e9:.3g} GFLOPs/sample</TD></TR>"]
     for head in plan.heads:
-        lo, hi = head.window
+        lo, hi = head.span
         stages = f"stages {lo}–{hi}" if lo < hi else f"stage {lo}"
         rows.append(f"<TR><TD BGCOLOR=\"{_loss_colour(head)}\"><FONT COLOR=\"white\">L{head.index}</FONT></TD>"
                     f"<TD ALIGN=\"LEFT\">loss {head.index} (head at stage {head.stage}, {html.escape(head.kind)}, "
                     f"w={head.weight:g}) trains {stages}</TD></TR>")
-    if any(h.window[0] > 0 for h in plan.heads):
+    if any(h.span[0] > 0 for h in plan.heads):
         rows.append(f"<TR><TD BGCOLOR=\"#fde2e2\"><FONT COLOR=\"{_SCOPE_COLOUR}\">✕</FONT></TD>"
                     "<TD ALIGN=\"LEFT\">gradient scope: the named losses stop backpropagating here</TD></TR>")
     if not plan.heads:

@@ -206,9 +206,9 @@ def _plan_difference(saved: Plan, rebuilt: Plan) -> str:
         return f"recompute {_recompute(saved)}, the recipe's {_recompute(rebuilt)}"
     if [s.nodes for s in saved.stages] != [s.nodes for s in rebuilt.stages]:
         return f"{len(saved.stages)} stages, the recipe's {len(rebuilt.stages)} with other boundaries"
-    heads = [[(h.stage, h.window, h.weight, h.kind) for h in p.heads] for p in (saved, rebuilt)]
+    heads = [[(h.stage, h.span, h.weight, h.kind) for h in p.heads] for p in (saved, rebuilt)]
     if heads[0] != heads[1]:
-        return f"heads (stage, window, weight, kind) {heads[0]}, the recipe's {heads[1]}"
+        return f"heads (stage, span, weight, kind) {heads[0]}, the recipe's {heads[1]}"
     return ""
 
 

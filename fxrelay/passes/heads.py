@@ -32,12 +32,12 @@ from ..core.ir import MAIN, Head
 from ..core.modules import training_mode
 from .tracing import did_you_mean
 
-__all__ = ["HEADS", "MODES", "HeadFactory", "ChannelsLast", "TokenMean", "make_head", "kind_name", "head_flops",
+__all__ = ["HeadFactory", "ChannelsLast", "TokenMean", "make_head", "kind_name", "head_flops",
            "describe_head", "assign_heads", "check_mode"]
 
 HeadFactory = Callable[[tuple, int], nn.Module]
-HEADS = HEAD_KINDS
 _AUTO_WIDTH = 256
+
 
 class ChannelsLast(nn.Module):
     """NHWC to NCHW (timm Swin-style stage outputs)."""
@@ -67,9 +67,9 @@ def make_head(head: Union[str, HeadFactory], feature_shape: tuple, num_classes: 
     """
     if callable(head):
         return head(tuple(feature_shape), num_classes)
-    if head not in HEADS:
-        raise ValueError(f"head_kind must be one of {', '.join(HEADS)} or a callable, got {head!r}"
-                         f"{did_you_mean(head, HEADS)}")
+    if head not in HEAD_KINDS:
+        raise ValueError(f"head_kind must be one of {', '.join(HEAD_KINDS)} or a callable, got {head!r}"
+                         f"{did_you_mean(head, HEAD_KINDS)}")
     shape = tuple(feature_shape)
     if len(shape) == 1:
         return nn.Linear(shape[0], num_classes)
@@ -131,9 +131,9 @@ def assign_heads(num_stages: int, mode: str, *, window: int = 2, head_stages: Un
     """Place the heads and their windows: the pure heart of :func:`fxrelay.transform`.
 
     Example:
-        >>> [h.window for h in assign_heads(5, "relay", window=2)]
+        >>> [h.span for h in assign_heads(5, "relay", window=2)]
         [(0, 2), (2, 3), (3, 4)]
-        >>> [h.window for h in assign_heads(5, "greedy")]
+        >>> [h.span for h in assign_heads(5, "greedy")]
         [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4)]
     """
     check_mode(mode)
@@ -143,7 +143,7 @@ def assign_heads(num_stages: int, mode: str, *, window: int = 2, head_stages: Un
         lo = {"relay": max(0, a - window + 1), "greedy": a, "deep": 0, "standard": 0}[mode]
         lows.append(0 if mode == "relay" and rank == 0 else lo)
     return tuple(
-        Head(index=j, stage=a, window=(lo, a), weight=1.0 if j == len(stages) else aux_weight,
+        Head(index=j, stage=a, span=(lo, a), weight=1.0 if j == len(stages) else aux_weight,
              kind=MAIN if j == len(stages) else kind)
         for j, (a, lo) in enumerate(zip(stages + [num_stages - 1], lows))
     )

@@ -100,26 +100,36 @@ def partition(
         TraceError: the model's own ``forward`` cannot be traced.
     """
     check_module(model, "partition")
-    if boundaries not in BOUNDARIES:
-        raise ValueError(f"boundaries must be one of {', '.join(BOUNDARIES)}, got {boundaries!r}"
-                         f"{did_you_mean(boundaries, BOUNDARIES)}")
-    if balance not in BALANCES:
-        raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}{did_you_mean(balance, BALANCES)}")
+    _check_choices(boundaries, balance)
     config = tracing_config(tracing, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     assumed = example_input is None
     if assumed:
         example_input = default_example_input(model)
     gm = trace(model, example_input, tracing=config)
+    analysis = _analyse(model, gm, example_input, assumed)
+    _warn_collapsed_maps(gm, analysis, example_input)
+    return plan_stages(gm, analysis, boundaries, num_stages, cut_after, balance=balance, tracing=config)
+
+
+def _check_choices(boundaries: str, balance: str) -> None:
+    """A one-line ``ValueError`` with a "did you mean" for an unknown ``boundaries`` or ``balance``."""
+    if boundaries not in BOUNDARIES:
+        raise ValueError(f"boundaries must be one of {', '.join(BOUNDARIES)}, got {boundaries!r}"
+                         f"{did_you_mean(boundaries, BOUNDARIES)}")
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}{did_you_mean(balance, BALANCES)}")
+
+
+def _analyse(model: nn.Module, gm: fx.GraphModule, example_input: ExampleInput, assumed: bool) -> Analysis:
+    """Pass 2 on ``gm``; a model that fails on the input fxrelay assumed gets an error asking for its own."""
     try:
-        analysis = analyse(gm, example_input, memory=True)
+        return analyse(gm, example_input, memory=True)
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
         if not assumed:
             raise
         raise ValueError(f"{type(model).__name__} does not run on the assumed example input of shape "
                          f"{tuple(example_input.shape)} ({_first_line(e)}); pass example_input= with an input "
                          "of the size the model is used at") from None
-    _warn_collapsed_maps(gm, analysis, example_input)
-    return plan_stages(gm, analysis, boundaries, num_stages, cut_after, balance=balance, tracing=config)
 
 
 def _warn_collapsed_maps(gm: fx.GraphModule, analysis: Analysis, example_input: ExampleInput) -> None:

@@ -60,13 +60,13 @@ from ..core.plan import Plan
 from .analysis import saved_bytes_per_sample
 from .emit import StagedModule, staged_module
 from .downstream import build_head
-from .heads import MODES, HeadFactory, assign_heads, check_mode, describe_head, head_flops, kind_name
+from .heads import HeadFactory, assign_heads, check_mode, describe_head, head_flops, kind_name
 from .introspect import model_aux_heads, num_classes_of, output_path
 from .partition import partition
 from .split import split_stages
 from .tracing import ExampleInput, check_module, default_example_input, tracing_config
 
-__all__ = ["MODES", "transform", "plan_of", "is_transformed", "original_state_dict", "head_parameters",
+__all__ = ["transform", "plan_of", "is_transformed", "original_state_dict", "head_parameters",
            "recompute_view"]
 
 _STATE = "fxrelay_state"
@@ -145,10 +145,7 @@ def transform(
     recompute = _renamed(removed, recompute)
     _check_arguments(mode, window, head_stages, head_kind, aux_weight, skip_first, num_classes)
     config = tracing_config(tracing)
-    own = {}
-    if head_stages == "model":
-        own = model_aux_heads(model, default_example_input(model) if example_input is None else example_input,
-                              tracing=config)
+    own = _own_heads(model, example_input, config) if head_stages == "model" else {}
     with training_mode(model, False):  # reason: the inference graph; aux-logit branches stay out
         balance = "recompute" if recompute and balance == "auto" else balance  # reason: the memory it is for
         plan = partition(model, boundaries, num_stages, example_input, balance=balance, tracing=config,
@@ -161,17 +158,29 @@ def transform(
         len(plan.stages), mode, window=window, head_stages=head_stages, skip_first=skip_first,
         aux_weight=aux_weight, kind=kind_name(head_kind)))
     bodies = [model.get_submodule(name) for name in own] or _new_heads(model, plan, head_kind, num_classes)
-    plan = dataclasses.replace(plan, heads=tuple(
-        h if h.is_main else dataclasses.replace(h, flops=head_flops(body, plan.stages[h.stage].shape),
-                                                layers=describe_head(body),
-                                                params=sum(p.numel() for p in body.parameters()),
-                                                saved_bytes=saved_bytes_per_sample(body, plan.stages[h.stage].shape))
-        for h, body in zip(plan.heads, [*bodies, None])))
+    plan = _with_head_figures(plan, bodies)
     _warn_degenerate(plan, mode, window, explicit=not isinstance(head_stages, str))
     staged = _build(model, plan, [AuxHead(b) for b in bodies])
     if optimizer is not None:
         optimizer.add_param_group({"params": head_parameters(staged)})
     return staged
+
+
+def _own_heads(model: nn.Module, example_input: ExampleInput | None, config: TracingConfig) -> dict[str, str]:
+    """``head_stages="model"``: the model's own aux classifiers, each by its module name, with the fx
+    node whose output it reads (a stage ends there)."""
+    example = default_example_input(model) if example_input is None else example_input
+    return model_aux_heads(model, example, tracing=config)
+
+
+def _with_head_figures(plan: Plan, bodies: list[nn.Module]) -> Plan:
+    """``plan`` with each aux head's FLOPs, layers, parameters and saved bytes, measured on its body."""
+    return dataclasses.replace(plan, heads=tuple(
+        h if h.is_main else dataclasses.replace(h, flops=head_flops(body, plan.stages[h.stage].shape),
+                                                layers=describe_head(body),
+                                                params=sum(p.numel() for p in body.parameters()),
+                                                saved_bytes=saved_bytes_per_sample(body, plan.stages[h.stage].shape))
+        for h, body in zip(plan.heads, [*bodies, None])))
 
 
 _REMOVED = {"heads": "head_stages", "head": "head_kind"}
@@ -230,7 +239,7 @@ def _warn_degenerate(plan: Plan, mode: str, window: int, explicit: bool) -> None
     if mode == "relay" and window >= n and plan.aux_heads:
         warnings.warn(f"relay with window={window} on {n} stages: every loss reaches stage 0, which is "
                       "mode='deep'; pass a smaller window", UserWarning, stacklevel=3)
-    untrained = [s.index for s in plan.stages if not any(h.window[0] <= s.index <= h.window[1] for h in plan.heads)]
+    untrained = [s.index for s in plan.stages if not any(h.span[0] <= s.index <= h.span[1] for h in plan.heads)]
     if untrained and mode != "standard":
         hint = "add heads there or widen the window" if explicit else "pass head_stages= or a wider window"
         warnings.warn(f"{mode} on {plan.model_name}: no loss trains stage(s) {untrained}; their parameters get no "

@@ -60,7 +60,7 @@ def plan_settings(model: nn.Module) -> dict[str, Any] | None:
     plan = plan_of(model)
     return {"model": plan.model_name, "mode": plan.mode, "boundaries": plan.boundaries,
             "stages": [[list(s.shape), s.reduction] for s in plan.stages],
-            "heads": [[h.stage, h.window[0], h.window[1], h.weight, h.kind] for h in plan.heads]}
+            "heads": [[h.stage, h.span[0], h.span[1], h.weight, h.kind] for h in plan.heads]}
 
 
 def check_resumable(state: dict[str, Any], model: nn.Module, recipe: Recipe, steps_per_epoch: int,

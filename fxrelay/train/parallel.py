@@ -5,7 +5,7 @@ from the heads of the few stages above it, so stages need not wait for a whole
 backward: placed on different processes, they train at the same time.
 :class:`StageParallel` gives each of ``K`` pipeline ranks a contiguous group of stages of
 a transformed model (balanced by the plan's training FLOPs) plus the heads reading them;
-each rank runs its stages with the shared engine (:mod:`fxrelay.stagerun`) over ``M``
+each rank runs its stages with the shared engine (:mod:`fxrelay.train.stagerun`) over ``M``
 micro-batches. Activations flow forward with point-to-point ``isend``/``recv``; in
 greedy mode nothing flows back; in relay mode a cotangent crosses a rank boundary only
 for the windows (gradient channels) that span it. ``D`` replicas of the pipeline form a

@@ -117,7 +117,8 @@ def _check_choices(boundaries: str, balance: str) -> None:
         raise ValueError(f"boundaries must be one of {', '.join(BOUNDARIES)}, got {boundaries!r}"
                          f"{did_you_mean(boundaries, BOUNDARIES)}")
     if balance not in BALANCES:
-        raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}{did_you_mean(balance, BALANCES)}")
+        raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}"
+                         f"{did_you_mean(balance, BALANCES)}")
 
 
 def _analyse(model: nn.Module, gm: fx.GraphModule, example_input: ExampleInput, assumed: bool) -> Analysis:

@@ -78,15 +78,15 @@ class Trainer:
         train_loader: a DataLoader with a length (the schedule counts updates).
             Its sampler's ``set_epoch(epoch)`` is called before each epoch when it has one.
         epochs: the run's length (the schedule spans it).
-        recipe: the :class:`Recipe` (default: ``Recipe()``).
+        recipe: the :class:`~fxrelay.train.recipe.Recipe` (default: ``Recipe()``).
         device: where the model, its EMA and the batches go.
         no_weight_decay: parameter names of ``model`` without weight decay, besides
-            norms and biases (see :func:`no_weight_decay_names`).
+            norms and biases (see :func:`~fxrelay.train.optimizers.no_weight_decay_names`).
 
     Attributes:
         optimizer, scheduler: built once; ``scheduler.step_update`` runs after every update.
         ema: timm's ``ModelEmaV3`` or None; ``ema.module`` is the averaged model.
-        history: the :class:`History` so far.
+        history: the :class:`~fxrelay.train.history.History` so far.
         epoch: epochs completed; updates: optimizer steps taken.
 
     Raises:
@@ -316,7 +316,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: Iterable, epochs
         recipe: optimizer, schedule, AMP, EMA, sequential (default ``Recipe()``).
         checkpoint: write the run here after every epoch, and ``metrics.csv`` next to it.
         metrics: write the per-head CSV here instead (also without a checkpoint).
-        resume: a checkpoint (:func:`load_checkpoint`) to continue from.
+        resume: a checkpoint (:func:`~fxrelay.train.checkpoints.load_checkpoint`) to continue from.
         extra, on_epoch_end: see :meth:`Trainer.fit`.
     """
     trainer = Trainer(model, train_loader, epochs, recipe, device=device, no_weight_decay=no_weight_decay)

@@ -125,7 +125,7 @@ def train(job: Job) -> float:
     mode, window, head_kind = parse_run(job.mode)
     torch.manual_seed(job.seed)
     model = fxrelay.transform(load_model(s["model"], num_classes=num_classes), mode, window=window,
-                              head_kind=head_kind, aux_weight=s.get("aux_weight", 0.3),
+                              head_kind=head_kind, aux_weight=s.get("aux_weight"),
                               example_input=torch.randn(1, 3, s["image_size"], s["image_size"]))
     if s["sampler"] == "class-aware":
         loader = DataLoader(train_set, batch_size=s["batch_size"],
@@ -298,7 +298,8 @@ def parser() -> argparse.ArgumentParser:
                                                              "relay-wN (relay = relay-w2), each optionally "
                                                              ":HEAD_KIND (greedy:downstream)")
     p.add_argument("--epochs", type=int, default=6, help="epochs per run")
-    p.add_argument("--aux-weight", type=float, default=0.3, help="loss weight of every aux head")
+    p.add_argument("--aux-weight", type=float, default=None,
+                   help="loss weight of every aux head (default: the mode's, fxrelay.core.choices.AUX_WEIGHTS)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per mode: --seed, --seed + 1, ...")
     p.add_argument("--seed", type=int, default=0, help="first seed (models, shuffling; generated data)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")

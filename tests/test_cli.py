@@ -46,7 +46,7 @@ def test_inspect_mode_shows_heads_and_windows(capsys):
     out = capsys.readouterr().out
     assert "mode=relay" in out.splitlines()[0]
     heads = out.split("head  stage  trains")[1].splitlines()[1:4]
-    assert [line.split()[:5] for line in heads] == [["0", "2", "0..2", "0.3", "auto"], ["1", "3", "1..3", "0.3", "auto"],
+    assert [line.split()[:5] for line in heads] == [["0", "2", "0..2", "1", "auto"], ["1", "3", "1..3", "1", "auto"],
                                                     ["2", "4", "2..4", "1", "main"]]
 
 

@@ -222,7 +222,7 @@ def test_head_boxes_say_what_was_built_and_the_title_is_the_given_name(tmp_path)
         assert text[text.index(f"head {head.index}") + 1] == " · auto: conv1x1-BN-ReLU-pool2x2-linear"
         stage = plan.stages[head.stage]
         assert (f"{_si(params)} params ({times(params, stage.params)} stage) · {_si(head.flops)} FLOPs "
-                f"({times(head.flops, stage.flops)}) · w=0.3 → L{head.index}") in text
+                f"({times(head.flops, stage.flops)}) · w=1 → L{head.index}") in text
     assert text[text.index(f"head {plan.heads[-1].index}") + 1] == " · main"
     assert "tv:resnet18" in text and "ResNet" not in text
     assert "ResNet" in svg_items(render(model, tmp_path / "untitled.svg").read_bytes())["text"]

@@ -182,6 +182,16 @@ def test_backward_weights_losses():
     assert all(torch.allclose(a, p.grad) for a, p in zip(got, model.heads.parameters()))
 
 
+@pytest.mark.parametrize("mode, weight", [("relay", 1.0), ("greedy", 1.0), ("deep", 0.3)])
+def test_default_aux_weight_is_the_modes(mode, weight):
+    # reason: a greedy stage's only gradient is its head's: its weight is the stage's learning rate
+    x, _ = _batch(64)
+    heads = fxrelay.plan_of(fxrelay.transform(VGGChain(), mode, example_input=x)).heads
+    assert [h.weight for h in heads] == [weight] * (len(heads) - 1) + [1.0]
+    chosen = fxrelay.plan_of(fxrelay.transform(VGGChain(), mode, aux_weight=0.5, example_input=x)).heads
+    assert [h.weight for h in chosen] == [0.5] * (len(heads) - 1) + [1.0]
+
+
 def test_heads_options():
     x, _ = _batch(64)
     base = torchvision.models.resnet18(num_classes=10)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..core.choices import HEAD_KINDS, MODES
+from ..core.choices import HEAD_KINDS, MODES, default_aux_weight
 from ..core.ir import MAIN, Head
 from ..core.modules import training_mode
 from .tracing import did_you_mean
@@ -127,8 +127,10 @@ def check_mode(mode: str) -> None:
 
 
 def assign_heads(num_stages: int, mode: str, *, window: int = 2, head_stages: Union[str, Sequence[int]] = "auto",
-                 skip_first: int = 2, aux_weight: float = 0.3, kind: str = "auto") -> tuple[Head, ...]:
+                 skip_first: int = 2, aux_weight: float | None = None, kind: str = "auto") -> tuple[Head, ...]:
     """Place the heads and their windows: the pure heart of :func:`fxrelay.transform`.
+
+    ``aux_weight=None`` is the mode's default (:func:`fxrelay.core.choices.default_aux_weight`).
 
     Example:
         >>> [h.span for h in assign_heads(5, "relay", window=2)]
@@ -137,6 +139,7 @@ def assign_heads(num_stages: int, mode: str, *, window: int = 2, head_stages: Un
         [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4)]
     """
     check_mode(mode)
+    aux_weight = default_aux_weight(mode) if aux_weight is None else aux_weight
     stages = _aux_stages(num_stages, mode, head_stages, skip_first)
     lows = []
     for rank, a in enumerate(stages + [num_stages - 1]):

@@ -85,7 +85,7 @@ def transform(
     window: int = 2,
     head_stages: Union[str, Sequence[int]] = "auto",
     head_kind: Union[str, HeadFactory] = "auto",
-    aux_weight: float = 0.3,
+    aux_weight: float | None = None,
     skip_first: int = 2,
     boundaries: str = "auto",
     num_stages: int | None = None,
@@ -113,7 +113,8 @@ def transform(
             Inception-v3) are the heads, and a stage ends where each reads its features.
         head_kind: what the aux heads are (see :mod:`fxrelay.passes.heads`), or
             ``factory(feature_shape, num_classes)``.
-        aux_weight: loss weight of every aux head (the main head has weight 1).
+        aux_weight: loss weight of every aux head (the main head has weight 1); default: 1.0
+            for relay and greedy (a greedy stage's only gradient is its head's), 0.3 for deep.
         skip_first: stages without an aux head at the bottom (Relay BP: 2).
         boundaries, num_stages, balance, example_input: passed to :func:`fxrelay.partition`.
         num_classes: classes of the aux heads (default: the model's classifier's).
@@ -202,6 +203,10 @@ def _renamed(removed: dict[str, Any], recompute: bool) -> bool:
     return bool(removed["checkpoint"])
 
 
+def _is_weight(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 def _check_arguments(mode: str, window: Any, head_stages: Any, kind: Any, aux_weight: Any, skip_first: Any,
                      num_classes: Any) -> None:
     """One-line ``ValueError`` for every argument outside its range."""
@@ -210,9 +215,8 @@ def _check_arguments(mode: str, window: Any, head_stages: Any, kind: Any, aux_we
         raise ValueError(f"window must be an integer >= 1, got {window!r}")
     if not _is_int(skip_first) or skip_first < 0:
         raise ValueError(f"skip_first must be an integer >= 0, got {skip_first!r}")
-    if not isinstance(aux_weight, (int, float)) or isinstance(aux_weight, bool) or not math.isfinite(aux_weight) \
-            or aux_weight < 0:
-        raise ValueError(f"aux_weight must be a finite number >= 0, got {aux_weight!r}")
+    if aux_weight is not None and not _is_weight(aux_weight):
+        raise ValueError(f"aux_weight must be a finite number >= 0 or None, got {aux_weight!r}")
     if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
         raise ValueError(f"num_classes must be an integer >= 1 or None, got {num_classes!r}")
     if isinstance(head_stages, str):

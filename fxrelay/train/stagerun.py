@@ -60,7 +60,7 @@ def wiring(model: nn.Module) -> Wiring:
 
 @dataclass
 class _StageState:
-    leaves: list[torch.Tensor]           # reason: the tensor leaves of every input, flat
+    leaves: list[torch.Tensor | None]    # reason: the tensor leaves of every input, flat; None: no gradient into it
     in_slices: list[slice]
     outs: list[Any]                      # reason: the tensor leaves of every output, flat
     out_slices: list[slice]
@@ -268,6 +268,8 @@ class StageRunner:
         if channels:
             leaves, in_slices = _flat(inputs)
             flat_outs, out_slices = _flat(outs)
+            # reason: an input no gradient continues into (a greedy stage's) is not kept: its graph saves it if needed
+            leaves = [t if t.requires_grad else None for t in leaves]
             micro_batch.states[s] = _StageState(
                 leaves, in_slices, flat_outs, out_slices, {c: [None] * len(flat_outs) for c in channels},
                 {c: self._expected[(s, c)] for c in channels})

@@ -40,7 +40,7 @@ from torch import nn
 from ..core._compat import tree_map
 from ..core.channels import stage_backward_flops
 from ..passes.rewrite import plan_of
-from .stagerun import AllReduceSink, StageRunner, MicroBatch, Wiring, wiring
+from .stagerun import AllReduceSink, MicroBatch, StageRunner, Wiring, wiring
 
 __all__ = ["StageParallel", "StepStats", "balance", "split_batch"]
 

@@ -12,6 +12,7 @@ from torch import nn
 
 import fxrelay
 from fxrelay.train.memory import SavedBytes
+from fxrelay.train.stagerun import StageRunner
 from nets import SkipNet
 from oracle import assert_close, one_line_grads, oracle_grads
 from test_transform import VGGChain
@@ -127,6 +128,26 @@ def test_saves_memory(mode, kwargs, most):
     assert local.peak <= most * one_line.peak
     estimate = fxrelay.plan_of(model).memory_estimate(8)
     assert abs(local.peak / estimate["local"] - 1) < 0.15  # reason: the plan's estimate is within 15%
+
+
+@pytest.mark.parametrize("mode", ["greedy", "deep"])
+def test_stage_state_keeps_only_inputs_a_gradient_continues_into(mode):
+    """While each loss runs, the live stage states hold no input that no gradient reaches (greedy: none;
+    deep: every stage's but the first, which the loss reaches through)."""
+    x, y = _batch(64)
+    model = fxrelay.transform(VGGChain(), mode, example_input=x[:1])
+    kept = 0 if mode == "greedy" else len(fxrelay.plan_of(model).stages) - 1
+    runner = StageRunner(model, lambda out, target: _record_leaves(micro_batch, seen) + F.cross_entropy(out, target))
+    seen: list[torch.Tensor] = []
+    micro_batch = runner.micro_batch((x,), y)
+    runner.finish(runner.forward(micro_batch))
+    assert len(seen) == kept and all(t.requires_grad for t in seen)
+
+
+def _record_leaves(micro_batch, seen: list) -> int:
+    for state in micro_batch.states.values():
+        seen += [t for t in state.leaves if t is not None and all(t is not u for u in seen)]
+    return 0
 
 
 def test_bad_input():

@@ -217,7 +217,7 @@ class _MetaPropagator(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
         if self.meta and self.shortcut and _is_shape_preserving(module) and args and isinstance(args[0], torch.Tensor):
-            return self.counter.replay(module, args) if self.counter is not None else torch.empty_like(args[0])
+            return self.counter.replay(module, args) if self.counter is not None else meta_like(args[0], False)
         if self.meta and self.shortcut and isinstance(module, nn.RNNBase) and args and args[0].dim() == 3:
             return self._one_step(target, args, kwargs)
         return super().call_module(target, args, kwargs)
@@ -268,7 +268,7 @@ def _meta_device(value: Any) -> Any:
 
 
 def _shape_only(value: Any) -> Any:
-    return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
+    return meta_like(value, False) if isinstance(value, torch.Tensor) else value
 
 
 def _is_shape_preserving(module: nn.Module) -> bool:

@@ -110,6 +110,6 @@ class TrainingStep:
                 return StepOutcome(heads, list(result.losses), [result.head_logits[j] for j in heads])
             runner: StageRunner = self._engine
             inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-            result = runner.finish(runner.forward(runner.tape(inputs, y)))
+            result = runner.finish(runner.forward(runner.micro_batch(inputs, y)))
         heads = sorted(result.losses)
         return StepOutcome(heads, [result.losses[j] for j in heads], [result.logits[j] for j in heads])

@@ -113,8 +113,8 @@ class LocalStep:
             RuntimeError: called under ``torch.no_grad()`` or ``torch.inference_mode()``.
         """
         inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-        tape = self._runner.forward(self._runner.tape(inputs, y))
-        result = self._runner.finish(tape)
+        micro_batch = self._runner.forward(self._runner.micro_batch(inputs, y))
+        result = self._runner.finish(micro_batch)
         if self._sink is not None:
             self._sink.finish()
         return LocalStepResult(tuple(result.losses[h.index] for h in self.plan.heads), result.output,

@@ -40,7 +40,7 @@ from torch import nn
 from ..core._compat import tree_map
 from ..core.channels import stage_backward_flops
 from ..passes.rewrite import plan_of
-from .stagerun import AllReduceSink, StageRunner, Tape, Wiring, wiring
+from .stagerun import AllReduceSink, MicroBatch, StageRunner, Wiring, wiring
 
 __all__ = ["StageParallel", "StepStats", "balance", "split_batch"]
 
@@ -219,15 +219,15 @@ class StageParallel:
         chunks = split_batch(inputs, size, self.microbatches)
         targets = split_batch(y, size, self.microbatches)
         lag = self.pipeline - 1 - self.rank_in_pipeline  # reason: cotangents come back after the ranks above ran
-        tapes: list[Tape] = []
+        micro_batches: list[MicroBatch] = []
         for m in range(self.microbatches):
-            tape = self.runner.tape(chunks[m], targets[m], index=m, loss_scale=1 / self.microbatches)
-            tapes.append(self.runner.forward(tape, heads_last=True))  # reason: activations leave first
+            micro_batch = self.runner.micro_batch(chunks[m], targets[m], index=m, loss_scale=1 / self.microbatches)
+            micro_batches.append(self.runner.forward(micro_batch, heads_last=True))  # reason: activations leave first
             if m >= lag:
-                self._backward(tapes[m - lag])
+                self._backward(micro_batches[m - lag])
         for m in range(max(0, self.microbatches - lag), self.microbatches):
-            self._backward(tapes[m])
-        results = [self.runner.finish(t) for t in tapes]
+            self._backward(micro_batches[m])
+        results = [self.runner.finish(t) for t in micro_batches]
         self._transport.end_step(self.microbatches)
         if self._sink is not None:
             self._transport.waiting += self._sink.finish()
@@ -254,9 +254,9 @@ class StageParallel:
         return [*(self.model.stages[s] for s in stages),
                 *(self.model.heads[n] for n, h in enumerate(self.plan.aux_heads) if h.stage in stages)]
 
-    def _backward(self, tape: Tape) -> None:
+    def _backward(self, micro_batch: MicroBatch) -> None:
         for read in self.runner.remote_reads:
-            self.runner.deliver(tape, read, self._transport.recv_grad(tape, read))
+            self.runner.deliver(micro_batch, read, self._transport.recv_grad(micro_batch, read))
 
 
 def split_batch(value: Any, size: int, parts: int) -> list[Any]:
@@ -359,20 +359,20 @@ class _P2P:
             lane = _Lane(peer, [("value", n) for n in sent] + [("grad", k) for k in grads])
             (self._out if src == self.rank else self._in)[peer] = lane
 
-    def recv_value(self, tape: Tape, name: str) -> Any:
-        return self._get(self.rank_of_stage[self.wiring.producer[name]], tape.index, ("value", name))
+    def recv_value(self, micro_batch: MicroBatch, name: str) -> Any:
+        return self._get(self.rank_of_stage[self.wiring.producer[name]], micro_batch.index, ("value", name))
 
-    def send_value(self, tape: Tape, name: str, value: Any) -> None:
+    def send_value(self, micro_batch: MicroBatch, name: str, value: Any) -> None:
         for lane in self._out.values():
             if ("value", name) in lane.position:
-                self._put(lane, tape.index, ("value", name), value)
+                self._put(lane, micro_batch.index, ("value", name), value)
 
-    def send_grad(self, tape: Tape, read: int, grad: torch.Tensor | None) -> None:
+    def send_grad(self, micro_batch: MicroBatch, read: int, grad: torch.Tensor | None) -> None:
         dst = self.rank_of_stage[self.wiring.producer[self.wiring.reads[read].value]]
-        self._put(self._out[dst], tape.index, ("grad", read), grad)
+        self._put(self._out[dst], micro_batch.index, ("grad", read), grad)
 
-    def recv_grad(self, tape: Tape, read: int) -> torch.Tensor | None:
-        return self._get(self.rank_of_stage[self.wiring.reads[read].stage], tape.index, ("grad", read))
+    def recv_grad(self, micro_batch: MicroBatch, read: int) -> torch.Tensor | None:
+        return self._get(self.rank_of_stage[self.wiring.reads[read].stage], micro_batch.index, ("grad", read))
 
     def end_step(self, microbatches: int) -> None:
         """Check every lane is through the step; wait until the previous step's messages were

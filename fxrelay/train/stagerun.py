@@ -10,7 +10,7 @@ stage's backward runs, when its activations are freed and on which process it li
   parameter pass with their sum and one input pass per channel that continues below the
   stage; a single pass when only one channel is live.
 * :class:`StageRunner` runs a set of stages (all of them, or one process's contiguous
-  group) on one micro-batch (a :class:`Tape`): each stage's forward on detached copies of
+  group) on one micro-batch (a :class:`MicroBatch`): each stage's forward on detached copies of
   its inputs, each head's loss as soon as its stage ran, and each stage's backward as soon
   as every cotangent it needs has arrived (a count per stage and channel, like autograd's
   own dependency counting). A channel's input pass at a stage runs when that channel's
@@ -26,8 +26,8 @@ Example:
     >>> import fxrelay, torch, torch.nn.functional as F, torchvision
     >>> model = fxrelay.transform(torchvision.models.resnet18(num_classes=10), "greedy")
     >>> runner = StageRunner(model, F.cross_entropy)
-    >>> tape = runner.forward(runner.tape((torch.randn(2, 3, 32, 32),), torch.tensor([1, 2])))
-    >>> runner.finish(tape).losses.keys() == set(range(len(fxrelay.plan_of(model).heads)))
+    >>> micro_batch = runner.forward(runner.micro_batch((torch.randn(2, 3, 32, 32),), torch.tensor([1, 2])))
+    >>> runner.finish(micro_batch).losses.keys() == set(range(len(fxrelay.plan_of(model).heads)))
     True
 """
 
@@ -48,7 +48,7 @@ from ..core.scopes import stage_backward
 from ..passes.rewrite import plan_of
 from .allreduce import AllReduceSink
 
-__all__ = ["Wiring", "wiring", "Tape", "TapeResult", "Transport", "StageRunner", "AllReduceSink"]
+__all__ = ["Wiring", "wiring", "MicroBatch", "MicroBatchResult", "Transport", "StageRunner", "AllReduceSink"]
 
 
 def wiring(model: nn.Module) -> Wiring:
@@ -60,7 +60,7 @@ def wiring(model: nn.Module) -> Wiring:
 
 @dataclass
 class _StageState:
-    leaves: list[torch.Tensor]           # reason: the tensor leaves of every input, flat
+    leaves: list[torch.Tensor | None]    # reason: the tensor leaves of every input, flat; None: no gradient into it
     in_slices: list[slice]
     outs: list[Any]                      # reason: the tensor leaves of every output, flat
     out_slices: list[slice]
@@ -71,7 +71,7 @@ class _StageState:
 
 
 @dataclass
-class Tape:
+class MicroBatch:
     """The state of one micro-batch on one process: forward values still needed, stage
     graphs awaiting their backward, head losses.
 
@@ -97,7 +97,7 @@ class Tape:
 
 
 @dataclass(frozen=True)
-class TapeResult:
+class MicroBatchResult:
     """The outcome of one micro-batch on one process.
 
     Attributes:
@@ -114,13 +114,13 @@ class TapeResult:
 class Transport(Protocol):
     """How a :class:`StageRunner` exchanges values with runners on other processes."""
 
-    def recv_value(self, tape: Tape, name: str) -> Any:
-        """The value ``name`` of ``tape``'s micro-batch, produced on another process."""
+    def recv_value(self, micro_batch: MicroBatch, name: str) -> Any:
+        """The value ``name`` of ``micro_batch``'s micro-batch, produced on another process."""
 
-    def send_value(self, tape: Tape, name: str, value: Any) -> None:
+    def send_value(self, micro_batch: MicroBatch, name: str, value: Any) -> None:
         """Send a locally produced value to the processes reading it."""
 
-    def send_grad(self, tape: Tape, read: int, grad: Any) -> None:
+    def send_grad(self, micro_batch: MicroBatch, read: int, grad: Any) -> None:
         """Send the cotangent of read ``read`` (a local reader) to the value's producer: a tensor, a
         list with one per tensor leaf of the value, or ``None``."""
 
@@ -210,7 +210,8 @@ class StageRunner:
                 expected[(w.producer[w.reads[i].value], w.reads[i].channel)] += 1
         return live, expected
 
-    def tape(self, inputs: tuple[Any, ...], target: Any, *, index: int = 0, loss_scale: float = 1.0) -> Tape:
+    def micro_batch(self, inputs: tuple[Any, ...], target: Any, *, index: int = 0,
+                    loss_scale: float = 1.0) -> MicroBatch:
         """A new micro-batch.
 
         Raises:
@@ -225,12 +226,12 @@ class StageRunner:
         plan = self.wiring.plan
         if len(inputs) != len(plan.input_names):
             raise ValueError(f"the model takes {len(plan.input_names)} input(s), got {len(inputs)}")
-        tape = Tape(index, tuple(inputs), target, loss_scale, uses=dict(self._uses))
-        tape.env.update((name, v) for name, v in zip(plan.input_names, inputs) if name in tape.uses)
-        return tape
+        micro_batch = MicroBatch(index, tuple(inputs), target, loss_scale, uses=dict(self._uses))
+        micro_batch.env.update((name, v) for name, v in zip(plan.input_names, inputs) if name in micro_batch.uses)
+        return micro_batch
 
-    def forward(self, tape: Tape, *, heads_last: bool = False) -> Tape:
-        """Run the local stages and heads on ``tape``, with every backward that becomes ready.
+    def forward(self, micro_batch: MicroBatch, *, heads_last: bool = False) -> MicroBatch:
+        """Run the local stages and heads on ``micro_batch``, with every backward that becomes ready.
 
         Args:
             heads_last: run every local stage before the first head, so that values for
@@ -239,66 +240,69 @@ class StageRunner:
                 numbers in another order. Default: each head right after its stage.
         """
         for s in self.stages:
-            self._forward_stage(tape, s)
+            self._forward_stage(micro_batch, s)
             if not heads_last:
-                self._run_heads(tape, s)
+                self._run_heads(micro_batch, s)
         if heads_last:
             for s in self.stages:
-                self._run_heads(tape, s)
+                self._run_heads(micro_batch, s)
         for h in self.heads:
-            if h.index not in tape.losses:
-                self._head_loss(tape, h)  # reason: its view reads values made on other processes
-        return tape
+            if h.index not in micro_batch.losses:
+                self._head_loss(micro_batch, h)  # reason: its view reads values made on other processes
+        return micro_batch
 
-    def _forward_stage(self, tape: Tape, s: int) -> None:
+    def _forward_stage(self, micro_batch: MicroBatch, s: int) -> None:
         plan, scopes = self.wiring.plan, self.wiring.scopes
         stage, scope = plan.stages[s], scopes[s]
-        inputs = [_leaf(self._take(tape, name), bool(chans))
+        inputs = [_leaf(self._take(micro_batch, name), bool(chans))
                   for name, chans in zip(stage.inputs, self._in_channels[s])]
         channels = self._channels[s]
         with torch.set_grad_enabled(bool(channels)):
             result = self.model.stages[s](*inputs)
         outs = (result,) if len(stage.outputs) == 1 else tuple(result)
         for name, value in zip(stage.outputs, outs):
-            if tape.uses.get(name):
-                tape.env[name] = value
+            if micro_batch.uses.get(name):
+                micro_batch.env[name] = value
             if name in self.exported:
-                self.transport.send_value(tape, name, value)
+                self.transport.send_value(micro_batch, name, value)
         if channels:
             leaves, in_slices = _flat(inputs)
             flat_outs, out_slices = _flat(outs)
-            tape.states[s] = _StageState(
+            # reason: an input no gradient continues into (a greedy stage's) is not kept: its graph saves it if needed
+            leaves = [t if t.requires_grad else None for t in leaves]
+            micro_batch.states[s] = _StageState(
                 leaves, in_slices, flat_outs, out_slices, {c: [None] * len(flat_outs) for c in channels},
                 {c: self._expected[(s, c)] for c in channels})
         for c in channels:
-            if s in tape.states and self._expected[(s, c)] == 0:
-                self._ready(tape, s, c)  # reason: no loss reaches the stage through this channel
+            if s in micro_batch.states and self._expected[(s, c)] == 0:
+                # reason: no loss reaches the stage through this channel
+                self._backward_ready_channels(micro_batch, s, c)
 
-    def _run_heads(self, tape: Tape, s: int) -> None:
+    def _run_heads(self, micro_batch: MicroBatch, s: int) -> None:
         """After stage ``s``: the aux heads reading it, then every loss whose view now exists."""
         for h in self.heads:
             if h.stage == s and not h.is_main:
-                leaf = _leaf(self._take(tape, self.wiring.head_values[h.index][0]),
+                leaf = _leaf(self._take(micro_batch, self.wiring.head_values[h.index][0]),
                              self.wiring.head_reads.get((h.index, 0)) in self._live)
-                tape.heads[h.index] = (leaf, self.model.heads[self._aux_index[h.index]](leaf))
+                micro_batch.heads[h.index] = (leaf, self.model.heads[self._aux_index[h.index]](leaf))
         for h in self.heads:
             if self.wiring.head_after[h.index] == s:
-                self._head_loss(tape, h)
+                self._head_loss(micro_batch, h)
 
-    def deliver(self, tape: Tape, read: int, grad: Any) -> None:
+    def deliver(self, micro_batch: MicroBatch, read: int, grad: Any) -> None:
         """The cotangent of read ``read`` (a tensor, one per tensor leaf of the value, or None): from
         a local reader, or received from another process."""
         r = self.wiring.reads[read]
         t = self.wiring.producer[r.value]
         if t >= 0 and t not in self.stages:
             one = isinstance(grad, list) and len(grad) == 1
-            self.transport.send_grad(tape, read, grad[0] if one else grad)  # reason: a bare tensor travels raw
+            self.transport.send_grad(micro_batch, read, grad[0] if one else grad)  # reason: a bare tensor travels raw
             return
         grads = [grad] if isinstance(grad, torch.Tensor) else grad
         if t < 0:
-            self._deliver_input(tape, r.value, grads)
+            self._deliver_input(micro_batch, r.value, grads)
             return
-        state = tape.states[t]
+        state = micro_batch.states[t]
         cots = state.cotangents[r.channel]
         if grads is not None:
             for k, g in zip(range(len(state.outs))[state.out_slices[self.wiring.position[r.value]]], grads):
@@ -306,41 +310,41 @@ class StageRunner:
                     cots[k] = g if cots[k] is None else cots[k] + g
         state.pending[r.channel] -= 1
         if state.pending[r.channel] == 0:
-            self._ready(tape, t, r.channel)
+            self._backward_ready_channels(micro_batch, t, r.channel)
 
-    def _deliver_input(self, tape: Tape, name: str, grads: list[torch.Tensor | None] | None) -> None:
+    def _deliver_input(self, micro_batch: MicroBatch, name: str, grads: list[torch.Tensor | None] | None) -> None:
         """Sum a model input's cotangents; one backward into it once every local reader sent its own."""
-        value = tape.inputs[self.wiring.position[name]]
+        value = micro_batch.inputs[self.wiring.position[name]]
         tensors = _tensors(value)
-        left, total = tape.input_grads.get(name, (self._input_reads[name], [None] * len(tensors)))
+        left, total = micro_batch.input_grads.get(name, (self._input_reads[name], [None] * len(tensors)))
         for k, g in enumerate(grads or ()):
             if g is not None:
                 total[k] = g if total[k] is None else total[k] + g
-        tape.input_grads[name] = (left - 1, total)
+        micro_batch.input_grads[name] = (left - 1, total)
         if left > 1:
             return
-        del tape.input_grads[name]
+        del micro_batch.input_grads[name]
         pairs = [(v, g) for v, g in zip(tensors, total) if g is not None and v.requires_grad]
         if pairs:
             torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
 
-    def finish(self, tape: Tape) -> TapeResult:
+    def finish(self, micro_batch: MicroBatch) -> MicroBatchResult:
         """The micro-batch's losses and output, once every local backward has run.
 
         Raises:
             RuntimeError: a local stage still waits for cotangents (a schedule error).
         """
-        if tape.states:
-            raise RuntimeError(f"stages {sorted(tape.states)} still wait for gradients from other processes")
-        return TapeResult(dict(tape.losses), tape.output, dict(tape.logits))
+        if micro_batch.states:
+            raise RuntimeError(f"stages {sorted(micro_batch.states)} still wait for gradients from other processes")
+        return MicroBatchResult(dict(micro_batch.losses), micro_batch.output, dict(micro_batch.logits))
 
-    def _take(self, tape: Tape, name: str) -> Any:
-        if name not in tape.env:
-            tape.env[name] = self.transport.recv_value(tape, name)
-        value = tape.env[name]
-        tape.uses[name] -= 1
-        if tape.uses[name] == 0:
-            del tape.env[name]  # reason: the last local reader ran; stage graphs hold what backward needs
+    def _take(self, micro_batch: MicroBatch, name: str) -> Any:
+        if name not in micro_batch.env:
+            micro_batch.env[name] = self.transport.recv_value(micro_batch, name)
+        value = micro_batch.env[name]
+        micro_batch.uses[name] -= 1
+        if micro_batch.uses[name] == 0:
+            del micro_batch.env[name]  # reason: the last local reader ran; stage graphs hold what backward needs
         return value
 
     def _view(self, head: Head, values: list[Any], logits: Any) -> Any:
@@ -350,23 +354,24 @@ class StageRunner:
                                lambda n: None if not head.is_main and n.name == self._at_path else next(it))
         return view if head.is_main else replace_leaf(view, plan.output, lambda _: logits)
 
-    def _head_loss(self, tape: Tape, head: Head) -> None:
+    def _head_loss(self, micro_batch: MicroBatch, head: Head) -> None:
         names = self.wiring.head_values[head.index]
         first = 0 if head.is_main else 1
         reads = [self.wiring.head_reads.get((head.index, pos)) for pos in range(len(names))]
         reads = [r if r in self._live else None for r in reads]
-        values = [_leaf(self._take(tape, name), r is not None) for name, r in zip(names[first:], reads[first:])]
-        module_input, logits = tape.heads.pop(head.index, ((), None))
+        values = [_leaf(self._take(micro_batch, name), r is not None) for name, r in zip(names[first:], reads[first:])]
+        module_input, logits = micro_batch.heads.pop(head.index, ((), None))
         view = self._view(head, values, logits)
-        loss = self.criterion(view, tape.target)
+        loss = self.criterion(view, micro_batch.target)
         if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
             raise ValueError(f"criterion must return a scalar tensor, got {type(loss).__name__} "
                              f"of shape {tuple(getattr(loss, 'shape', ()))}")
-        tape.losses[head.index] = loss.detach()
-        tape.logits[head.index] = _detached(logits if not head.is_main else output_leaf(view, self.wiring.plan.output))
+        micro_batch.losses[head.index] = loss.detach()
+        micro_batch.logits[head.index] = _detached(logits if not head.is_main
+                                                   else output_leaf(view, self.wiring.plan.output))
         if head.is_main:
-            tape.output = _detached(view)
-        weighted = loss * (head.weight * tape.loss_scale)
+            micro_batch.output = _detached(view)
+        weighted = loss * (head.weight * micro_batch.loss_scale)
         if self.grad_scaler is not None:
             weighted = self.grad_scaler.scale(weighted)
         params = [] if head.is_main else [p for p in self.model.heads[self._aux_index[head.index]].parameters()
@@ -377,10 +382,10 @@ class StageRunner:
         grads = self._backward(params, (weighted,), {0: [torch.ones_like(weighted)]}, leaves, channels, retain=False)
         for r, sl in zip(reads, slices):
             if r is not None:
-                self.deliver(tape, r, [grads.get((k, 0)) for k in range(sl.start, sl.stop)])
+                self.deliver(micro_batch, r, [grads.get((k, 0)) for k in range(sl.start, sl.stop)])
 
-    def _ready(self, tape: Tape, s: int, c: int) -> None:
-        state, scope, inputs = tape.states[s], self.wiring.scopes[s], self._in_channels[s]
+    def _backward_ready_channels(self, micro_batch: MicroBatch, s: int, c: int) -> None:
+        state, scope, inputs = micro_batch.states[s], self.wiring.scopes[s], self._in_channels[s]
         state.ready.add(c)
         if len(state.ready) == len(scope.channels):
             todo = set(scope.channels) - state.passed
@@ -388,7 +393,7 @@ class StageRunner:
             params = [p for p in self.model.stages[s].parameters() if p.requires_grad]
             grads = self._backward(params, state.outs, state.cotangents, state.leaves,
                                    _per_leaf(channels, state.in_slices), retain=False)
-            del tape.states[s]  # reason: the stage's graph is freed; its activations with it
+            del micro_batch.states[s]  # reason: the stage's graph is freed; its activations with it
         elif any(c in chans for chans in inputs):
             channels = [tuple(x for x in chans if x == c) for chans in inputs]
             grads = self._backward([], state.outs, {c: state.cotangents[c]}, state.leaves,
@@ -398,7 +403,7 @@ class StageRunner:
             return
         for i, (chans, sl) in enumerate(zip(channels, state.in_slices)):
             for x in chans:
-                self.deliver(tape, self.wiring.stage_reads[(s, i, x)],
+                self.deliver(micro_batch, self.wiring.stage_reads[(s, i, x)],
                              [grads.get((k, x)) for k in range(sl.start, sl.stop)])
 
     def _backward(self, params: list[torch.Tensor], outs: Sequence[Any], cotangents: Mapping[int, Sequence],

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import fxrelay
 
-__all__ = ["RTOL", "original_graph", "run_stages", "stage_module", "aux_body", "is_main", "main_leaf",
+__all__ = ["RTOL", "original_graph", "run_stages", "stage_module", "aux_body", "window_of", "is_main", "main_leaf",
            "head_grads", "reference_grads", "one_line_grads", "max_rel_error", "assert_grads_close"]
 
 RTOL = 1e-6
@@ -56,6 +56,11 @@ def stage_module(model: nn.Module, i: int) -> nn.Module:
 def aux_body(model: nn.Module, k: int) -> nn.Module:
     """The classifier of the ``k``-th aux head."""
     return model.heads[k].body
+
+
+def window_of(head: fxrelay.Head) -> tuple[int, int]:
+    """The head's window ``(lo, hi)``: the stages its loss trains."""
+    return head.window
 
 
 def is_main(head: fxrelay.Head) -> bool:
@@ -114,7 +119,7 @@ def _head_logits(model: nn.Module, x: torch.Tensor, j: int) -> torch.Tensor:
     plan = fxrelay.plan_of(model)
     gm = original_graph(plan)
     head = plan.heads[j]
-    lo, a = head.window
+    lo, a = window_of(head)
     stage_of = {name: s.index for s in plan.stages for name in s.nodes}
     missing = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output") and n.name not in stage_of]
     assert not missing, f"oracle: nodes in no stage: {missing}"

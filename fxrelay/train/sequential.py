@@ -60,7 +60,8 @@ def check_sequential(plan: Plan) -> None:
 
     Raises:
         ValueError: the plan is not greedy, a stage but the last has no aux head, or the
-            model's output is not the last stage's main output.
+            model's output is not one tensor, the last stage's main output (a namedtuple
+            output is refused like a tuple or dict).
     """
     if plan.mode != "greedy":
         raise ValueError(f"the sequential schedule trains greedy transforms (a head per stage, each training its "
@@ -70,8 +71,11 @@ def check_sequential(plan: Plan) -> None:
         raise ValueError(f"the sequential schedule needs an aux head on every stage but the last; stages {missing} "
                          "have none: transform with heads='auto'")
     out = plan.output_node.args[0]
-    if not (isinstance(out, fx.Node) and out.name == plan.stages[-1].outputs[-1]):
-        raise ValueError("the sequential schedule needs a model whose output is one tensor, the last stage's output")
+    # reason: a namedtuple output is one fx node too; its other leaves come from stages the step does not run
+    if plan.output or not (isinstance(out, fx.Node) and out.name == plan.stages[-1].outputs[-1]):
+        raise ValueError("the sequential schedule needs a model whose output is one tensor, the last stage's "
+                         "output (the criterion of stage k's head could not see the other leaves of a tuple, "
+                         "dict or namedtuple output): return the logits alone, or use execution='local'")
 
 
 class StageStep:

@@ -94,10 +94,14 @@ def restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def _one_line(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.Tensor) -> tuple[list, list]:
+def _one_line(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.Tensor,
+              head: int | None) -> tuple[list, list]:
     out = model(x)
     loss = criterion(out, y)
-    loss.backward()
+    if head is None:
+        loss.backward()
+    else:  # reason: head ``head``'s own share of the same forward, ``w_j * L_j``
+        (fxrelay.plan_of(model).heads[head].weight * head_outputs(loss)[head]).backward()
     path = fxrelay.plan_of(model).output if fxrelay.is_transformed(model) else ()
     return ([v.detach() for v in head_outputs(loss)],
             [v.detach() for v in head_outputs(main_leaf(out, path))])
@@ -105,14 +109,15 @@ def _one_line(model: nn.Module, criterion: Callable, x: torch.Tensor, y: torch.T
 
 def _micro_step(model: nn.Module, execution: str, criterion: Callable, stage: int | None,
                 autocast: Callable) -> Callable[[torch.Tensor, torch.Tensor], tuple[list[int], list, list]]:
-    """One micro-batch's step: ``(x, y) -> (heads, losses, logits)``."""
+    """One micro-batch's step: ``(x, y) -> (heads, losses, logits)``; ``stage``: the sequential
+    step's stage, or for one-line the head whose loss alone is backpropagated."""
     if execution in ("one-line", "recompute"):
         forward = recompute_view(model) if execution == "recompute" else model
 
         def step(x: torch.Tensor, y: torch.Tensor) -> tuple[list[int], list, list]:
             forward.train(model.training)
             with autocast():
-                losses, logits = _one_line(forward, criterion, x, y)
+                losses, logits = _one_line(forward, criterion, x, y, stage)
             return list(range(len(losses))), losses, logits
         return step
     engine = TrainingStep(model, criterion, execution, stage=stage, autocast=autocast)
@@ -124,33 +129,46 @@ def _micro_step(model: nn.Module, execution: str, criterion: Callable, stage: in
 
 
 def run_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, execution: str,
-             options: StepOptions = StepOptions(), stage: int | None = None) -> StepRecord:
-    """One step of ``execution`` (``stage``: the stage the sequential step trains) from the current
-    gradients (call :func:`restore` first); raises what the execution raises (a refusal)."""
+             options: StepOptions = StepOptions(), stage: int | None = None, head: int | None = None) -> StepRecord:
+    """One step of ``execution`` from the current gradients (call :func:`restore` first); raises
+    what the execution raises (a refusal).
+
+    Args:
+        stage: the stage the sequential step trains.
+        head: one-line only: backpropagate head ``head``'s weighted loss alone (the reference of
+            the sequential step, which trains one head's loss).
+    """
     criterion = criterion_of(model, options.micro_batches)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if options.autocast else contextlib.nullcontext
     scope = train_stage(model, stage) if execution == "sequential" else contextlib.nullcontext()
     torch.manual_seed(options.seed)
     with scope:
-        step = _micro_step(model, execution, criterion, stage, autocast)
+        step = _micro_step(model, execution, criterion, stage if execution == "sequential" else head, autocast)
         parts = [step(xs, ys) for xs, ys in zip(x.tensor_split(options.micro_batches),
                                                  y.tensor_split(options.micro_batches))]
     heads = parts[0][0]
-    losses = [sum(p[1][i].float().double() for p in parts) for i in range(len(heads))]
+    losses = [sum(p[1][i].double() for p in parts) for i in range(len(heads))]
     logits = [torch.cat([p[2][i] for p in parts]) for i in range(len(heads))]
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     return StepRecord(heads, losses, logits, grads, buffers)
 
 
-def stage_parallel_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batches: int,
-                        seed: int = 0) -> tuple[fxrelay.StageParallel, dict[str, torch.Tensor]]:
-    """One ``StageParallel`` step (SGD with lr 0: the parameters stay) on this rank; its parameters'
-    gradients by name. Call it on every rank of an initialised 2-process group."""
-    names = {id(p): n for n, p in model.named_parameters()}
+def stage_parallel_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        micro_batches: int) -> StepRecord:
+    """One ``StageParallel`` step (SGD with lr 0: the parameters stay) on this rank: the losses of
+    its heads (averaged over the micro-batches, as :func:`run_step` sums the scaled ones), the
+    gradients of its parameters and the buffers of its modules. Call it on every rank of an
+    initialised 2-process group; it waits for the step's last messages before returning."""
     parallel = fxrelay.StageParallel(model, lambda params: torch.optim.SGD(params, lr=0.0),
                                      microbatches=micro_batches, criterion=criterion_of(model), verbose=False)
-    torch.manual_seed(seed)
-    parallel.step(x, y)
+    stats = parallel.step(x, y)
+    parallel.gather_model()  # reason: waits for the messages still in flight (it is collective)
+    names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
     local = [p for group in parallel.optimizer.param_groups for p in group["params"]]
-    return parallel, {names[id(p)]: p.grad.detach().clone() for p in local if p.grad is not None}
+    modules = parallel._modules(parallel.stages)
+    heads = sorted(stats.losses)
+    return StepRecord(heads, [torch.tensor(stats.losses[j], dtype=torch.float64) for j in heads],
+                      [], {names[id(p)]: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                           for p in local},
+                      {names[id(b)]: b.detach().clone() for m in modules for b in m.buffers()})

@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import linecache
 import re
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -98,7 +100,9 @@ def build(case: GraphCase) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     filename = f"<graphgen {digest}>"
     # reason: tracebacks and fxrelay's TraceError show the generated lines
     linecache.cache[filename] = (len(case.source), None, case.source.splitlines(True), filename)
-    namespace: dict = {}
+    # reason: an importable module, so its classes pickle (StageParallel sends a namedtuple output)
+    module = sys.modules.setdefault(f"graphgen_{digest}", types.ModuleType(f"graphgen_{digest}"))
+    namespace = module.__dict__
     exec(compile(case.source, filename, "exec"), namespace)
     torch.manual_seed(case.seed)
     model = namespace["Net"]().double().train()

@@ -5,16 +5,19 @@ Each ``test_diff_...`` failed before its fix; the cases are the suite's, shrunk 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.fx as fx
+import torch.multiprocessing as mp
 from torch import nn
 
 import fxrelay
 from executions import StepOptions, restore, run_step, snapshot
 from fxrelay.passes.downstream import Unit, _graph_copy
 from graphgen import GraphCase, build
-from test_random_graphs import Tally, check_mode
+from test_random_graphs import Tally, _free_port, _stage_parallel_worker, check_mode
 
 _HEADER = "import torch\nimport torch.nn.functional as F\nfrom torch import nn\n"
 
@@ -137,3 +140,16 @@ def test_diff_downstream_head_copies_an_in_place_function_out_of_place():
     before = features.clone()
     copy(features)
     assert torch.equal(features, before)
+
+
+def test_diff_stage_parallel_refuses_a_head_view_made_on_a_later_rank(tmp_path):
+    """relay, 2 ranks: head 0's criterion sees the namedtuple output, whose features leaf stage 1
+    makes on rank 1, while rank 1 sends rank 0 cotangents: refused with the fix, on both ranks
+    (the greedy case, with no cotangents, runs and matches the one-line step)."""
+    cases = [(NAMEDTUPLE_OUTPUT, "relay", {"skip_first": 0, "window": 2}, 2),
+             (NAMEDTUPLE_OUTPUT, "greedy", {"skip_first": 0}, 1)]
+    mp.spawn(_stage_parallel_worker, args=(_free_port(), cases, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        refused, greedy = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert refused.startswith("refused: rank 1 sends rank 0 values and cotangents; a head on rank 0 reads"), refused
+        assert "return the logits alone, or use LocalStep" in refused and greedy == "ok", (refused, greedy)

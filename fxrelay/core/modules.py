@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
+
 from ._compat import tree_flatten
 
 __all__ = ["ModuleSeq", "AuxHead", "first_tensor", "training_mode"]

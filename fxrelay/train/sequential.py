@@ -18,7 +18,9 @@ running statistics, which then stay as they were).
 
 The loss of head ``k`` is scaled by the head's weight, as in the transformed model's
 own ``loss.backward()`` (``grad(p) = sum_j w_j dL_j/dp``): stage ``k``'s gradients are
-those the one-line greedy model gives it with the other stages frozen.
+those the one-line greedy model gives it with the other stages frozen. A parameter shared
+with another stage (a module called twice, a raw parameter used twice) gets head ``k``'s
+share only: its other uses run frozen (or, in later stages, not at all).
 
 Example:
     >>> greedy_schedule(num_stages=3, epochs=6)

@@ -283,6 +283,17 @@ def test_random_graph(case: GraphCase, data: st.DataObject) -> None:
     check_graph(case, data, CI_TALLY)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _write_ci_report() -> Iterator[None]:
+    """With ``FXRELAY_DIFF_REPORT`` set, the CI run's counts go there too (``ci.`` before the suffix)."""
+    yield
+    path = os.environ.get("FXRELAY_DIFF_REPORT")
+    if path and CI_TALLY.cases:
+        root, ext = os.path.splitext(path)
+        with open(f"{root}.ci{ext}", "w") as f:
+            json.dump(CI_TALLY.report(), f, indent=1)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_random_graph_long() -> None:

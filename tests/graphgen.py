@@ -424,7 +424,6 @@ class _Builder:
         """Split ``v`` into a tuple of two halves now, read them (swapped) at a later level."""
         self.use("tuple_crossing")
         self.save(v)
-        c, h, w = v.shape
         self.chunks.append(self.value(f"{v.name}.chunk(2, 1)", "pair", v.shape, v.level, prefix="t"))
         return self.block_conv(v)
 

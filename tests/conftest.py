@@ -2,7 +2,10 @@
 
 ``ci`` (the default) runs test_random_graphs.py's 300 derandomized graphs;
 ``long`` runs 5,000: ``python -m pytest tests/test_random_graphs.py --hypothesis-profile=long``
-or ``FXRELAY_HYPOTHESIS_PROFILE=long python -m pytest tests/test_random_graphs.py``.
+or ``FXRELAY_HYPOTHESIS_PROFILE=long python -m pytest tests/test_random_graphs.py`` (stopping
+at the first failure). ``FXRELAY_DIFF_CASES=N`` overrides the number of cases; the long
+differential run that records every failure and writes a JSON report is
+``test_random_graph_long``, marked ``slow`` (deselected unless ``-m slow``; see pyproject.toml).
 """
 
 import os

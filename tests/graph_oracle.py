@@ -127,7 +127,10 @@ def _head_logits(model: nn.Module, x: torch.Tensor, j: int) -> torch.Tensor:
     # reason: the head reads stage a's output as it is when stage a ends (a later stage may mutate it in place)
     values = interpreter.run_only((x,), {name for name, s in stage_of.items() if s <= a})
     k = sum(1 for h in plan.heads[:j] if not is_main(h))
-    return aux_body(model, k)(values[plan.stages[a].outputs[-1]])
+    features = values[plan.stages[a].outputs[-1]]
+    if not isinstance(features, torch.Tensor):  # reason: a head on a stage ending in a tuple reads its first tensor
+        features = next(v for v in tree_flatten(features)[0] if isinstance(v, torch.Tensor))
+    return aux_body(model, k)(features)
 
 
 def head_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,

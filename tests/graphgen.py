@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import linecache
 import re
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -62,6 +64,11 @@ FEATURES = frozenset({
     "dict_output",        # return {"logits": ..., "features": ...}
     "tuple_output",       # return logits, features
     "namedtuple_output",  # return Output(logits, features)
+    "intermediate_output",  # a structured output also returns an earlier level's tensor (read from a middle stage)
+    "tuple_crossing",     # t = v.chunk(2, 1) taken at one level, its parts read at a later one
+    "pair_leaf",          # a leaf module returning a tuple of tensors (a stage may end in it: aux head on a tuple)
+    "dropout",            # nn.Dropout in the forward (executions run with the same seed)
+    "frozen",             # a layer's parameters frozen (requires_grad_(False))
 })
 
 
@@ -73,6 +80,7 @@ class GraphCase:
     input_shape: tuple[int, int, int, int]
     seed: int
     features: frozenset[str] = field(default=frozenset())
+    leaves: tuple[str, ...] = ()  # reason: classes of the source that transform must keep as leaf modules
 
     def __repr__(self) -> str:
         header = (f"# GraphCase: input {self.input_shape}, seed {self.seed}, "
@@ -84,15 +92,21 @@ class GraphCase:
 
 
 def build(case: GraphCase) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """The case's model (float64, train mode), an input batch and labels, all seeded."""
+    """The case's model (float64, train mode), an input batch and labels, all seeded.
+
+    The model's ``leaf_modules`` attribute lists the classes tracing must keep as leaves
+    (``fxrelay.TracingConfig(leaf_modules=model.leaf_modules)``)."""
     digest = hashlib.sha1(case.source.encode()).hexdigest()[:10]
     filename = f"<graphgen {digest}>"
     # reason: tracebacks and fxrelay's TraceError show the generated lines
     linecache.cache[filename] = (len(case.source), None, case.source.splitlines(True), filename)
-    namespace: dict = {}
+    # reason: an importable module, so its classes pickle (StageParallel sends a namedtuple output)
+    module = sys.modules.setdefault(f"graphgen_{digest}", types.ModuleType(f"graphgen_{digest}"))
+    namespace = module.__dict__
     exec(compile(case.source, filename, "exec"), namespace)
     torch.manual_seed(case.seed)
     model = namespace["Net"]().double().train()
+    model.leaf_modules = [namespace[name] for name in case.leaves]
     g = torch.Generator().manual_seed(case.seed)
     x = torch.randn(*case.input_shape, generator=g, dtype=torch.float64)
     y = torch.randint(0, NUM_CLASSES, (case.input_shape[0],), generator=g)
@@ -137,6 +151,9 @@ class _Builder:
         self.reread: list[_Reg] = []  # tensors mutated in place, read once more before the classifier
         self.nested = False  # reason: drawn per case; then layers go in per-level containers
         self.scope = ""
+        self.chunks: list[_Reg] = []  # tuples of two halves (tuple_crossing), read at a later level
+        self.frozen: list[str] = []  # layers whose parameters are frozen
+        self.leaves: list[str] = []  # leaf classes the source defines
 
     # -- bookkeeping -------------------------------------------------------------
     def on(self, feature: str) -> bool:
@@ -288,6 +305,12 @@ class _Builder:
             kinds.append("int_scale")
         if self.on("inplace_on_cut"):
             kinds.append("mutate")
+        if self.on("tuple_crossing"):
+            kinds.append("chunk")
+        if self.on("pair_leaf"):
+            kinds.append("pair")
+        if self.on("dropout"):
+            kinds.append("dropout")
         return kinds
 
     def block(self, v: _Reg, kind: str) -> _Reg:
@@ -397,6 +420,38 @@ class _Builder:
         self.reread.append(u)  # reason: under its old name, as code written `u.mul_(2.0)` reads it
         return self.merge(v, self.resize(mutated, v))
 
+    def block_chunk(self, v: _Reg) -> _Reg:
+        """Split ``v`` into a tuple of two halves now, read them (swapped) at a later level."""
+        self.use("tuple_crossing")
+        self.save(v)
+        self.chunks.append(self.value(f"{v.name}.chunk(2, 1)", "pair", v.shape, v.level, prefix="t"))
+        return self.block_conv(v)
+
+    def read_chunks(self, v: _Reg) -> _Reg:
+        """Merge every tuple taken at an earlier level into ``v``."""
+        for t in [t for t in self.chunks if t.level < v.level]:
+            self.chunks.remove(t)
+            halves = self.value(f"torch.cat([{t.name}[1], {t.name}[0]], 1)", "tensor", t.shape, t.level)
+            v = self.merge(v, self.resize(halves, v))
+        return v
+
+    def block_pair(self, v: _Reg) -> _Reg:
+        """A leaf module returning a pair of tensors; the pair is read right after (or not at all)."""
+        self.use("pair_leaf")
+        c = v.shape[0]
+        if "Pair" not in self.leaves:
+            self.leaves.append("Pair")
+        self.save(v)
+        pair = self.value(f"{self.module(f'pair{self.fresh()}', f'Pair({c})')}({v.name})", "pair", v.shape,
+                          v.level, prefix="p")
+        return self.value(f"{pair.name}[0] + {pair.name}[1]", "tensor", v.shape, v.level)
+
+    def block_dropout(self, v: _Reg) -> _Reg:
+        self.use("dropout")
+        self.save(v)  # reason: dropout saves its mask; the input itself may not be mutated after a conv read it
+        return self.value(f"{self.module(f'drop{self.fresh()}', 'nn.Dropout(0.25)')}({v.name})", "tensor", v.shape,
+                          v.level)
+
     def capture(self, v: _Reg, lateral: bool = True) -> None:
         """Take ``v``'s size / channel count now, for use several stages later, and (``lateral``)
         a 1x1 conv of it (FPN-style) that nothing reads before a later level mutates it."""
@@ -432,6 +487,7 @@ def _graphs(draw: Callable, features: frozenset[str]) -> GraphCase:
         kinds = b.blocks()
         for _ in range(draw(st.integers(1, 2))):
             v = b.block(v, draw(st.sampled_from(kinds)))
+        v = b.read_chunks(v)
         if v.level > levels[-1].level:
             levels.append(v)
             b.capture(v)
@@ -460,13 +516,20 @@ def _graphs(draw: Callable, features: frozenset[str]) -> GraphCase:
     out = b.value(logits, "tensor", (NUM_CLASSES, 1, 1), v.level, prefix="logits")
     formats = [f for f in ("dict_output", "tuple_output", "namedtuple_output") if b.on(f)]
     fmt = draw(st.sampled_from(formats)) if formats and draw(st.integers(0, 3)) == 3 else "tensor"
+    if fmt != "tensor" and b.on("intermediate_output") and len(levels) > 1 and draw(st.booleans()):
+        b.use("intermediate_output")
+        v = draw(st.sampled_from(levels[:-1]))  # reason: a middle stage's tensor is a model output
     result = {"tensor": out.name, "dict_output": f'{{"logits": {out.name}, "features": {v.name}}}',
               "tuple_output": f"{out.name}, {v.name}",
               "namedtuple_output": f"Output({out.name}, {v.name})"}[fmt]
     if fmt != "tensor":
         b.use(fmt)
-    return GraphCase(_source(b.init, b.body, result, fmt == "namedtuple_output"), (2, 3, h, w),
-                     draw(st.integers(0, 2**16)), frozenset(b.used))
+    layers = [line.split(" = ", 1)[0] for line in b.init if "nn.Conv2d" in line or "Pair(" in line]
+    if b.on("frozen") and layers and draw(st.booleans()):
+        b.use("frozen")
+        b.frozen = draw(st.lists(st.sampled_from(layers), min_size=1, max_size=2, unique=True))
+    return GraphCase(_source(b.init, b.body, result, fmt == "namedtuple_output", b.frozen, b.leaves),
+                     (2, 3, h, w), draw(st.integers(0, 2**16)), frozenset(b.used), tuple(b.leaves))
 
 
 def _live(init: list[str], body: list[_Line], result: str) -> tuple[list[str], list[str]]:
@@ -484,14 +547,24 @@ def _live(init: list[str], body: list[_Line], result: str) -> tuple[list[str], l
     return used_init, kept[::-1]
 
 
-def _source(init: list[str], body: list[_Line], result: str, namedtuple: bool) -> str:
+_PAIR = ["", "", "class Pair(nn.Module):", "    def __init__(self, c):", "        super().__init__()",
+         "        self.a = nn.Conv2d(c, c, 3, padding=1)", "        self.b = nn.Conv2d(c, c, 1)", "",
+         "    def forward(self, v):", "        return F.relu(self.a(v)), self.b(v)"]
+
+
+def _source(init: list[str], body: list[_Line], result: str, namedtuple: bool, frozen: list[str] = (),
+            leaves: list[str] = ()) -> str:
     init, lines_of_forward = _live(init, body, result)
     lines = ["import torch", "import torch.nn.functional as F", "from torch import nn"]
     if namedtuple:
         lines += ["from typing import NamedTuple", "", "",
                   "class Output(NamedTuple):", "    logits: torch.Tensor", "    features: torch.Tensor"]
+    if "Pair" in leaves:
+        lines += _PAIR
     lines += ["", "", "class Net(nn.Module):", "    def __init__(self):", "        super().__init__()"]
+    kept = {line.split(" = ", 1)[0] for line in init}
     lines += [f"        {line}" for line in init]
+    lines += [f"        {layer}.requires_grad_(False)" for layer in frozen if layer in kept]
     lines += ["", "    def forward(self, x):"] + [f"        {line}" for line in lines_of_forward]
     lines.append(f"        return {result}")
     return "\n".join(lines) + "\n"

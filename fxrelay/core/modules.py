@@ -3,7 +3,8 @@
 * :class:`ModuleSeq`: an ordered container with readable attribute names (the emitted
   code calls ``self.stages.layer2(...)``) and list semantics (``model.stages[2]``,
   ``len(model.stages)``, iteration);
-* :class:`AuxHead`: an aux head that runs only in training mode;
+* :class:`AuxHead`: an aux head that runs only in training mode, on its stage output's
+  first tensor (:func:`first_tensor`);
 * :func:`training_mode`: set a module tree's train/eval flags for a block, restored
   exactly (per module) on exit, also on errors.
 
@@ -16,12 +17,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["ModuleSeq", "AuxHead", "training_mode"]
+from ._compat import tree_flatten
+
+__all__ = ["ModuleSeq", "AuxHead", "first_tensor", "training_mode"]
 
 
 class ModuleSeq(nn.Module):
@@ -49,15 +52,30 @@ class ModuleSeq(nn.Module):
         return iter(self._modules.values())
 
 
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """``value`` itself if it is a tensor, else its first tensor leaf (``None`` if it has none).
+
+    A stage may end in a module returning a tuple; its aux head reads the first tensor,
+    the one whose shape the head was built for.
+
+    >>> first_tensor((torch.zeros(2), torch.ones(3))).shape, first_tensor({"a": 1}) is None
+    (torch.Size([2]), True)
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    return next((v for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor)), None)
+
+
 class AuxHead(nn.Module):
-    """An aux head that runs only in training mode (returns ``None`` in eval)."""
+    """An aux head that runs only in training mode (returns ``None`` in eval), on the first
+    tensor of its stage's output (:func:`first_tensor`), in every execution."""
 
     def __init__(self, body: nn.Module):
         super().__init__()
         self.body = body
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor | None:
-        return self.body(features) if self.training else None
+    def forward(self, features: Any) -> torch.Tensor | None:
+        return self.body(first_tensor(features)) if self.training else None
 
 
 @contextlib.contextmanager

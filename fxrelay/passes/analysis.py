@@ -38,6 +38,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import flop_registry
 
 from ..core._compat import BatchNormBase, DropoutBase, TorchDispatchMode, tree_flatten, tree_map
+from ..core.modules import first_tensor
 from .saved import SavedCounter, meta_like, meta_training_state, saved_bytes_per_sample, training_but_batch_norm
 from .tracing import ExampleInput, as_inputs
 
@@ -349,13 +350,6 @@ def _run_with_state(gm: fx.GraphModule, state: dict[str, torch.Tensor], run: Cal
     return functional_call(_Runner(gm, run), {f"gm.{k}": v for k, v in state.items()}, inputs)
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    leaves, _ = tree_flatten(value)
-    return next((v for v in leaves if isinstance(v, torch.Tensor)), None)
-
-
 def owned_parameters(node: fx.Node, root: nn.Module) -> list[nn.Parameter]:
     """Parameters a node uses directly: those of a called module, or a fetched parameter."""
     if node.op == "call_module":
@@ -374,8 +368,8 @@ def _node_info(gm, first, second, size, batch, counter) -> dict[str, NodeInfo]:
     info: dict[str, NodeInfo] = {}
     for n in gm.graph.nodes:
         value = first.values.get(n.name)
-        t1 = _first_tensor(value)
-        t2 = _first_tensor(second.values.get(n.name)) if second is not None else None
+        t1 = first_tensor(value)
+        t2 = first_tensor(second.values.get(n.name)) if second is not None else None
         reduction = None
         if size is not None and t1 is not None:
             reduction = _reduction_two_sizes(t1, t2, size, batch) if second is not None \

@@ -310,8 +310,8 @@ def _graph_copy(gm: fx.GraphModule, unit: Unit) -> fx.GraphModule:
         new = graph.node_copy(n, value)
         if "inplace" in new.kwargs:
             new.kwargs = {**new.kwargs, "inplace": False}
-        if new.op == "call_function" and new.target in _INPLACE:
-            new.target = _INPLACE[new.target]
+        if new.op == "call_function":
+            new.target = _out_of_place(new.target)
         if new.op == "call_method" and new.target.endswith("_") and not new.target.endswith("__"):
             new.target = new.target[:-1]
         env[n.name] = new
@@ -321,6 +321,21 @@ def _graph_copy(gm: fx.GraphModule, unit: Unit) -> fx.GraphModule:
         copy_node(n)
     graph.output(env[unit.nodes[-1].name])
     return fx.GraphModule(owner, graph)
+
+
+def _out_of_place(function: object) -> object:
+    """The out-of-place twin of an in-place function (``operator.iadd``, ``torch.relu_``), else ``function``.
+
+    >>> _out_of_place(torch.relu_) is torch.relu, _out_of_place(operator.iadd) is operator.add
+    (True, True)
+    """
+    if function in _INPLACE:
+        return _INPLACE[function]
+    name = getattr(function, "__name__", "")
+    # reason: the copy's input is the stage output the next stage still reads; it must stay untouched
+    if name.endswith("_") and not name.endswith("__") and callable(getattr(torch, name[:-1], None)):
+        return getattr(torch, name[:-1])
+    return function
 
 
 def _get_attr(root: nn.Module, target: str) -> torch.Tensor:

@@ -353,9 +353,10 @@ class _P2P:
             sent = [n for n in order if rank[w.producer[n]] == src and any(rank[t] == dst for t in w.readers[n])]
             grads = [k for k, r in enumerate(w.reads) if w.producer[r.value] >= 0
                      and rank[r.stage] == src and rank[w.producer[r.value]] == dst]
-            if sent and grads:  # reason: two sequences on one pair would interleave unmatched
-                raise ValueError(f"rank {src} sends rank {dst} both values and cotangents; place the stages "
-                                 "in contiguous groups in pipeline order (stages_per_rank)")
+            if sent and grads:  # reason: two sequences would interleave unmatched; a value sent down is a head's view
+                raise ValueError(f"rank {src} sends rank {dst} values and cotangents; " + (f"a head on rank {dst} reads"
+                    f" {sent[0]!r}, an output leaf made on rank {src}: return the logits alone, or use LocalStep"
+                    if src > dst else "place the stages in contiguous groups in pipeline order (stages_per_rank)"))
             lane = _Lane(peer, [("value", n) for n in sent] + [("grad", k) for k in grads])
             (self._out if src == self.rank else self._in)[peer] = lane
 

@@ -18,7 +18,9 @@ running statistics, which then stay as they were).
 
 The loss of head ``k`` is scaled by the head's weight, as in the transformed model's
 own ``loss.backward()`` (``grad(p) = sum_j w_j dL_j/dp``): stage ``k``'s gradients are
-those the one-line greedy model gives it with the other stages frozen.
+those the one-line greedy model gives it with the other stages frozen. A parameter shared
+with another stage (a module called twice, a raw parameter used twice) gets head ``k``'s
+share only: its other uses run frozen (or, in later stages, not at all).
 
 Example:
     >>> greedy_schedule(num_stages=3, epochs=6)
@@ -60,7 +62,8 @@ def check_sequential(plan: Plan) -> None:
 
     Raises:
         ValueError: the plan is not greedy, a stage but the last has no aux head, or the
-            model's output is not the last stage's main output.
+            model's output is not one tensor, the last stage's main output (a namedtuple
+            output is refused like a tuple or dict).
     """
     if plan.mode != "greedy":
         raise ValueError(f"the sequential schedule trains greedy transforms (a head per stage, each training its "
@@ -70,8 +73,11 @@ def check_sequential(plan: Plan) -> None:
         raise ValueError(f"the sequential schedule needs an aux head on every stage but the last; stages {missing} "
                          "have none: transform with heads='auto'")
     out = plan.output_node.args[0]
-    if not (isinstance(out, fx.Node) and out.name == plan.stages[-1].outputs[-1]):
-        raise ValueError("the sequential schedule needs a model whose output is one tensor, the last stage's output")
+    # reason: a namedtuple output is one fx node too; its other leaves come from stages the step does not run
+    if plan.output or not (isinstance(out, fx.Node) and out.name == plan.stages[-1].outputs[-1]):
+        raise ValueError("the sequential schedule needs a model whose output is one tensor, the last stage's "
+                         "output (the criterion of stage k's head could not see the other leaves of a tuple, "
+                         "dict or namedtuple output): return the logits alone, or use execution='local'")
 
 
 class StageStep:

@@ -20,7 +20,7 @@ gradient-scope calls (see docs/architecture.md for a whole one):
         layer3_c3 = layer3.c3;  layer3 = None
         aux_layer3 = self.heads.layer3(layer3_c2);  layer3_c2 = None
         layer4 = self.stages.layer4(layer3_c3);  layer3_c3 = None
-        output = fxrelay_combine_heads(layer4, aux = (aux_layer2, aux_layer3), weights = (0.3, 0.3, 1.0));  ...
+        output = fxrelay_combine_heads(layer4, aux = (aux_layer2, aux_layer3), weights = (1.0, 1.0, 1.0));  ...
         return output
 
 Modes (``S`` stages, head ``j`` reads stage ``a_j`` with loss weight ``w_j``, and its

@@ -14,6 +14,7 @@ import fxrelay
 from fxrelay.passes.downstream import Downstream, DownstreamHead, default_depth, later_units
 from fxrelay.passes.heads import make_head
 from fxrelay.passes.tracing import module_path
+from executions import restore, run_step, snapshot
 from graph_oracle import assert_grads_close, one_line_grads, reference_grads
 
 
@@ -163,6 +164,38 @@ def test_gradients_exact_under_the_oracle(mode):
     got = {id(p): (q.grad if q.grad is not None else torch.zeros_like(q))
            for p, q in zip(model.parameters(), local.parameters())}
     assert_grads_close(got, reference_grads(model, x, y), model, what=f"{mode} LocalStep: ")
+
+
+def _assert_same_grads(got: dict, want: dict, what: str) -> None:
+    for name in sorted(got.keys() | want.keys()):
+        a, b = got.get(name), want.get(name)
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), f"{what}: {name} differs by {(a - b).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("mode", ["relay", "greedy", "deep"])
+def test_every_execution_gives_the_one_line_gradients(mode):
+    # reason: a downstream head is just another head: recompute, LocalStep and (greedy) the
+    # sequential step of each stage must give the one-line step's gradients
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randint(0, 5, (4,))
+    kwargs = {"head_stages": [1, 2]} if mode == "relay" else {}
+    model = _transform(UserCNN().double(), x, mode, head_kind="downstream", num_stages=4, **kwargs).train()
+    state = snapshot(model)
+    want = run_step(model, x, y, "one-line")
+    assert any(name.startswith("heads.") for name in want.grads)
+    for execution in ("recompute", "local"):
+        restore(model, state)
+        _assert_same_grads(run_step(model, x, y, execution).grads, want.grads, f"{mode} {execution}")
+    if mode == "greedy":
+        for k, head in enumerate(fxrelay.plan_of(model).heads):
+            restore(model, state)
+            alone = run_step(model, x, y, "one-line", head=k)
+            assert alone.grads, f"head {k} trains nothing"
+            restore(model, state)
+            _assert_same_grads(run_step(model, x, y, "sequential", stage=head.stage).grads, alone.grads,
+                               f"sequential stage {head.stage}")
 
 
 def test_deploy_equals_eval_and_head_parameters_are_independent():

@@ -50,6 +50,22 @@ def test_trained_model_reloads_strictly_and_exactly(trained, tmp_path):
         assert torch.equal(again.eval()(x), model.eval()(x))
 
 
+def test_load_rebuilds_the_heads_the_file_was_trained_with(trained, tmp_path):
+    recipe, model = trained
+    path = fxrelay.save(model, tmp_path / "relay.pt", recipe=recipe)
+    payload = torch.load(path, weights_only=True)
+    assert payload["heads"] == [[2, 0, 2, 1.0, "auto"], [3, 1, 3, 1.0, "auto"], [4, 2, 4, 1.0, "main"]]
+    # reason: a file written before aux_weight defaulted to the mode's records no heads: weight 0.3
+    legacy = {k: v for k, v in payload.items() if k != "heads"}
+    torch.save(legacy, tmp_path / "legacy.pt")
+    weights = [h.weight for h in fxrelay.plan_of(fxrelay.load(tmp_path / "legacy.pt")).heads]
+    assert weights == [0.3, 0.3, 1.0]
+    payload["heads"][0][3] = 0.5
+    torch.save(payload, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"the recipe rebuilds heads .* the file holds"):
+        fxrelay.load(tmp_path / "other.pt")
+
+
 def test_deployed_model_round_trips_through_torch_export(trained, tmp_path):
     _, model = trained
     deployed = fxrelay.deploy(model.eval())

@@ -61,6 +61,9 @@ _RENAMED = {"ModelRecipe": "ModelSpec"}  # reason: deprecated names (training ha
 FORMAT = "fxrelay.trained/1"
 EXPORT_SUFFIX = ".pt2"
 _PLAIN = (str, int, float, bool, type(None))
+# reason: transform's aux_weight default until 2026-12-06; a file written before then records
+# no heads, and rebuilding it with today's default (1.0 for relay and greedy) would train it differently
+LEGACY_AUX_WEIGHT = 0.3
 
 
 def _traced_input_shape(model: nn.Module) -> tuple[int, ...] | None:
@@ -175,7 +178,7 @@ def save(model: nn.Module, path: str | Path, *, recipe: ModelSpec | None = None,
     if difference:
         raise ValueError(f"{path}: the recipe does not rebuild this model ({difference}); give the recipe the "
                          "mode and transform_kwargs the model was transformed with")
-    payload = {"format": FORMAT, "recipe": values, "state_dict": model.state_dict()}
+    payload = {"format": FORMAT, "recipe": values, "heads": _heads(plan_of(model)), "state_dict": model.state_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
     return path
@@ -196,6 +199,19 @@ def _rebuild(recipe: ModelSpec, model: nn.Module) -> nn.Module:
 def _recompute(plan: Plan) -> bool:
     """Whether the model recomputes its stages in backward (``transform(recompute=True)``)."""
     return plan.recompute
+
+
+def _heads(plan: Plan) -> list[list[Any]]:
+    """The plan's heads as plain values: ``[stage, lo, hi, weight, kind]`` each."""
+    return [[h.stage, *h.span, h.weight, h.kind] for h in plan.heads]
+
+
+def _spec_of(payload: dict[str, Any]) -> ModelSpec:
+    """The file's recipe; a file that records no heads predates the mode's aux weight default."""
+    spec = ModelSpec.from_dict(payload["recipe"])
+    if "heads" in payload or "aux_weight" in spec.transform_kwargs:
+        return spec
+    return dataclasses.replace(spec, transform_kwargs={**spec.transform_kwargs, "aux_weight": LEGACY_AUX_WEIGHT})
 
 
 def _plan_difference(saved: Plan, rebuilt: Plan) -> str:
@@ -235,7 +251,10 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     payload = torch.load(path, weights_only=True, map_location="cpu")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a trained model written by fxrelay.save (no format {FORMAT!r})")
-    built = ModelSpec.from_dict(payload["recipe"]).build(model)
+    built = _spec_of(payload).build(model)
+    if "heads" in payload and _heads(plan_of(built)) != payload["heads"]:
+        raise ValueError(f"{path}: the recipe rebuilds heads {_heads(plan_of(built))}, the file holds "
+                         f"{payload['heads']} ([stage, lo, hi, weight, kind]); load it with the fxrelay that wrote it")
     built.load_state_dict(payload["state_dict"], strict=True)
     return built
 

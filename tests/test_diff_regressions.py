@@ -6,6 +6,7 @@ Each ``test_diff_...`` failed before its fix; the cases are the suite's, shrunk 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ import fxrelay
 from executions import StepOptions, restore, run_step, snapshot
 from fxrelay.passes.downstream import Unit, _graph_copy
 from graphgen import GraphCase, build
-from test_random_graphs import Tally, _free_port, _stage_parallel_worker, check_mode
+from test_random_graphs import (AUTOCAST, Tally, _free_port, _stage_parallel_worker, assert_same_step,
+                                bfloat16_rounding, check_mode)
 
 _HEADER = "import torch\nimport torch.nn.functional as F\nfrom torch import nn\n"
 
@@ -86,6 +88,89 @@ class Net(nn.Module):
         return self.fc(v3.mean((2, 3)))
 ''', (2, 3, 16, 16), 0)
 
+CANCELLING_BIAS = GraphCase(_HEADER + '''
+
+class Pair(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, padding=1)
+        self.b = nn.Conv2d(c, c, 1)
+
+    def forward(self, v):
+        return F.relu(self.a(v)), self.b(v)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, stride=1, padding=1, bias=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.scale3 = nn.Parameter(1 + 0.1 * torch.randn(1, 4, 1, 1))
+        self.conv4 = nn.Conv2d(4, 6, 3, stride=1, padding=1, bias=False)
+        self.bn4 = nn.BatchNorm2d(6)
+        self.act4 = nn.ReLU(inplace=True)
+        self.conv5 = nn.Conv2d(6, 4, 1, stride=1, padding=0, bias=False)
+        self.bn5 = nn.BatchNorm2d(4)
+        self.conv6 = nn.Conv2d(4, 6, 1, stride=1, padding=0, bias=True)
+        self.pair7 = Pair(6)
+        self.conv8 = nn.Conv2d(10, 8, 1, stride=1, padding=0, bias=False)
+        self.bn8 = nn.BatchNorm2d(8)
+        self.conv9 = nn.Conv2d(8, 4, 3, stride=2, padding=1, bias=True)
+        self.conv10 = nn.Conv2d(4, 6, 3, stride=1, padding=1, bias=True)
+        self.conv11 = nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False)
+        self.bn11 = nn.BatchNorm2d(8)
+        self.conv12 = nn.Conv2d(8, 6, 3, stride=1, padding=1, bias=True)
+        self.scale13 = nn.Parameter(1 + 0.1 * torch.randn(1, 6, 1, 1))
+        self.conv15 = nn.Conv2d(6, 6, 3, stride=1, padding=1, bias=False)
+        self.bn15 = nn.BatchNorm2d(6)
+        self.conv16 = nn.Conv2d(8, 6, 1, stride=1, padding=0, bias=False)
+        self.bn16 = nn.BatchNorm2d(6)
+        self.conv17 = nn.Conv2d(6, 8, 3, stride=1, padding=1, bias=False)
+        self.bn17 = nn.BatchNorm2d(8)
+        self.conv18 = nn.Conv2d(12, 8, 1, stride=1, padding=0, bias=True)
+        self.fc = nn.Linear(8, 5)
+        self.fc2 = nn.Linear(4, 5)
+
+    def forward(self, x):
+        v1 = F.relu(self.conv1(x), inplace=True)
+        v4 = F.relu(self.bn2(self.conv2(v1)), inplace=True)
+        v5 = v4 * self.scale3
+        t6 = v5.chunk(2, 1)
+        v7 = self.act4(self.bn4(self.conv4(v5)))
+        v8 = self.bn5(self.conv5(v7))
+        v10 = F.max_pool2d(v7, 2)
+        hw11 = v10.shape[-2:]
+        v12 = torch.relu_(v8)
+        v13 = F.adaptive_avg_pool2d(v12, v10.shape[-2:])
+        v14 = self.conv6(v13)
+        v15 = v10 + v14
+        p16 = self.pair7(v15)
+        v17 = p16[0] + p16[1]
+        v18 = torch.cat([t6[1], t6[0]], 1)
+        v19 = F.adaptive_avg_pool2d(v18, v17.shape[-2:])
+        v20 = torch.cat([v17, v19], 1)
+        v21 = self.bn8(self.conv8(v20)).relu_()
+        v23 = F.relu(self.conv9(v21))
+        v25 = F.relu(self.conv10(v23))
+        v28 = F.relu(self.bn11(self.conv11(v25)))
+        v30 = self.conv12(v28)
+        v31 = v30 * self.scale13
+        v35 = F.interpolate(v31, size=v25.shape[-2:])
+        v36 = v35 + v25
+        v37 = torch.relu_(self.bn15(self.conv15(v36)))
+        v38 = F.interpolate(v37, size=hw11)
+        v39 = self.bn16(self.conv16(v21))
+        v40 = v38 + v39
+        v41 = torch.relu_(self.bn17(self.conv17(v40)))
+        v42 = F.adaptive_avg_pool2d(v8, v41.shape[-2:])
+        v43 = torch.cat([v41, v42], 1)
+        v44 = self.conv18(v43)
+        v45 = F.interpolate(v44, size=hw11)
+        logits46 = self.fc(v45.mean((2, 3))) + self.fc2(v1.mean((2, 3)))
+        return logits46
+''', (2, 3, 24, 29), 1437, leaves=("Pair",))
+
 
 @pytest.mark.parametrize("mode", ["greedy", "relay", "deep"])
 def test_diff_aux_head_on_a_tuple_stage_reads_its_first_tensor(mode):
@@ -153,3 +238,34 @@ def test_diff_stage_parallel_refuses_a_head_view_made_on_a_later_rank(tmp_path):
         refused, greedy = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert refused.startswith("refused: rank 1 sends rank 0 values and cotangents; a head on rank 0 reads"), refused
         assert "return the logits alone, or use LocalStep" in refused and greedy == "ok", (refused, greedy)
+
+
+@pytest.mark.filterwarnings("ignore:relay with window=3:UserWarning")  # reason: the case as the suite drew it
+def test_diff_autocast_executions_differ_within_the_bfloat16_rounding():
+    """The long run's one failure (seed 1437): relay, window 3, DGL heads, 2 micro-batches, bfloat16
+    autocast. ``LocalStep``'s gradient of the first conv's bias is 3.4% from the one-line step's,
+    while both are ~40% from the float64 step's: the summation order of three channels' bfloat16
+    cotangents, a tenth of the rounding itself. The suite allows half the rounding
+    (``ROUNDING_SHARE``); float64 is exact."""
+    model, x, y = build(CANCELLING_BIAS)
+    x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y.roll(1)])
+    options = {"window": 3, "head_stages": "auto", "skip_first": 0, "head_kind": "dgl", "aux_weight": 1.0}
+    step = StepOptions(micro_batches=2, autocast=True, seed=CANCELLING_BIAS.seed)
+    torch.manual_seed(0)  # reason: the heads' initial weights of the suite's run
+    transformed = fxrelay.transform(model, "relay", example_input=x, **options,
+                                    tracing=fxrelay.TracingConfig(leaf_modules=model.leaf_modules))
+    start = snapshot(transformed)
+    float64 = run_step(transformed, x, y, "one-line", replace(step, autocast=False))
+    bias = "stages.conv1.conv1.bias"
+    transformed.float()
+    start = snapshot(transformed)
+    records = {}
+    for execution in ("one-line", "local"):
+        restore(transformed, start)
+        records[execution] = run_step(transformed, x.float(), y, execution, step)
+    one_line, local = records["one-line"], records["local"]
+    rounding = bfloat16_rounding(one_line, float64)[bias]
+    apart = (local.grads[bias] - one_line.grads[bias]).abs().max().item()
+    assert apart > AUTOCAST * one_line.grads[bias].abs().max().item()  # reason: beyond the flat tolerance
+    assert apart < 0.15 * rounding, (apart, rounding)
+    assert_same_step(local, one_line, AUTOCAST, "local vs one-line: ", rounding=bfloat16_rounding(one_line, float64))

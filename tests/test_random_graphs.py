@@ -14,6 +14,8 @@ micro-batches, CPU autocast, the dropout seed):
     per-head logits, gradients and BatchNorm buffers (relative 1e-9 in float64; the
     sequential step: its stage's and head's gradients, the buffers of the stages it
     ran), or *refuses* with an error saying the fix; a refusal is counted, never skipped;
+    under bfloat16 autocast, within 3e-2 or half the bfloat16 step's own rounding of
+    that gradient (its distance from the float64 step), whichever is larger;
 (d) the transformed model's eval output equals the original model's (1e-12) and
     ``fxrelay.deploy(model)`` equals the transformed model's (1e-9).
 
@@ -32,6 +34,7 @@ import os
 import socket
 import traceback
 from collections import Counter
+from dataclasses import replace
 from typing import Any, Iterator
 
 import pytest
@@ -57,6 +60,12 @@ CASES = int(os.environ.get("FXRELAY_DIFF_CASES", 0))
 """Cases per run (0: the profile's 300 for test_random_graph, 5,000 for test_random_graph_long)."""
 EXACT, AUTOCAST = 1e-9, 3e-2
 """Relative tolerances between executions: float64; bfloat16 autocast (different summation orders)."""
+ROUNDING_SHARE = 0.5
+"""Under autocast, two executions' gradients may also differ by this share of the bfloat16
+one-line step's distance from the float64 one: each execution sums a stage's gradient channels
+in its own order (the one-line step adds their bfloat16 cotangents, ``LocalStep`` adds each
+channel's parameter gradient in float32), and where bfloat16 is 40% off (a bias gradient summed
+over every position of a tiny case) the orders differ by more than 3e-2 of the value."""
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,25 +156,39 @@ class Tally:
                 "features": dict(sorted(self.features.items())), "failures": self.failures}
 
 
-def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float, what: str) -> None:
-    """Same keys (missing gradients count as zero), values within ``rtol`` (graph_oracle's scaling)."""
+def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float, what: str,
+                 rounding: dict[str, float] | None = None) -> None:
+    """Same keys (missing gradients count as zero), values within ``rtol`` (graph_oracle's scaling),
+    or within :data:`ROUNDING_SHARE` of ``rounding[key]`` (see :func:`bfloat16_rounding`)."""
     keys = set(got) | set(want)
     zeros = {k: torch.zeros_like((got.get(k) if k in got else want[k])) for k in keys}
     got_all, want_all = {k: got.get(k, zeros[k]) for k in keys}, {k: want.get(k, zeros[k]) for k in keys}
     error, where = max_rel_error(got_all, want_all, {k: k for k in keys})
+    if error > rtol and rounding:
+        beyond = {k: ROUNDING_SHARE * rounding.get(k, 0.0) for k in keys
+                  if (got_all[k] - want_all[k]).abs().max().item() > ROUNDING_SHARE * rounding.get(k, 0.0)}
+        error, where = max_rel_error({k: got_all[k] for k in beyond}, {k: want_all[k] for k in beyond},
+                                     {k: k for k in beyond}) if beyond else (0.0, "")
     assert error <= rtol, f"{what}{where} differs: relative error {error:.3g} > {rtol:g}"
 
 
+def bfloat16_rounding(bfloat16: StepRecord, float64: StepRecord) -> dict[str, float]:
+    """Per parameter, the largest distance between the bfloat16 step's gradient and the float64 one's."""
+    return {n: (bfloat16.grads.get(n, torch.zeros_like(g)).double() - g).abs().max().item()
+            for n, g in float64.grads.items()}
+
+
 def assert_same_step(got: StepRecord, want: StepRecord, rtol: float, what: str,
-                     buffers: set[str] | None = None) -> None:
-    """``got``'s losses, logits, gradients and ``buffers`` (default: all) equal ``want``'s for its heads."""
+                     buffers: set[str] | None = None, rounding: dict[str, float] | None = None) -> None:
+    """``got``'s losses, logits, gradients and ``buffers`` (default: all) equal ``want``'s for its
+    heads; ``rounding``: the gradients' bfloat16 rounding under autocast (:func:`assert_close`)."""
     index = {j: i for i, j in enumerate(want.heads)}
     for i, j in enumerate(got.heads):
         assert_close({"loss": got.losses[i]}, {"loss": want.losses[index[j]]}, rtol, f"{what}head {j} ")
         if got.logits:  # reason: StageParallel reports losses only
             assert_close({"logits": got.logits[i]}, {"logits": want.logits[index[j]]}, rtol, f"{what}head {j} ")
     wanted = want.grads if buffers is None else {n: want.grads.get(n, torch.zeros_like(g)) for n, g in got.grads.items()}
-    assert_close(got.grads, wanted, rtol, f"{what}gradient of ")
+    assert_close(got.grads, wanted, rtol, f"{what}gradient of ", rounding)
     names = set(want.buffers) if buffers is None else buffers
     assert_close({n: got.buffers[n].double() for n in names}, {n: want.buffers[n].double() for n in names},
                  rtol, f"{what}buffer ")
@@ -187,7 +210,7 @@ def _buffers_of(model: nn.Module, modules: list[nn.Module]) -> set[str]:
 
 
 def check_sequential(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: StepOptions,
-                     start: dict[str, torch.Tensor], tally: Tally) -> None:
+                     start: dict[str, torch.Tensor], tally: Tally, rounding: dict[str, float] | None) -> None:
     """(c) for the sequential step of every stage ``k``: its loss, logits, and the gradients of
     the parameters it trains (stage ``k``'s and its head's) are those of the one-line step with
     head ``k``'s weighted loss alone backpropagated (a parameter shared with another stage gets
@@ -207,7 +230,7 @@ def check_sequential(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: S
         one_line = run_step(model, x, y, "one-line", step, head=stage_step.head)
         ran = _buffers_of(model, [*model.stages[:k + 1], *stage_step.trained_modules()[1:]])
         assert got.heads == [stage_step.head], got.heads
-        assert_same_step(got, one_line, AUTOCAST if step.autocast else EXACT, f"sequential stage {k}: ", ran)
+        assert_same_step(got, one_line, AUTOCAST if step.autocast else EXACT, f"sequential stage {k}: ", ran, rounding)
         kept = set(start) & set(got.buffers) - ran
         assert_close({n: got.buffers[n].double() for n in kept}, {n: start[n].double() for n in kept}, 0.0,
                      f"sequential stage {k}: buffer of a stage it did not run ")
@@ -220,23 +243,29 @@ def check_mode(model: nn.Module, x: torch.Tensor, y: torch.Tensor, case: GraphCa
     transformed = fxrelay.transform(model, mode, example_input=x, tracing=tracing_of(model), **options)
     with contextlib.suppress(InvalidArgument):  # reason: printed with a failing example; none outside hypothesis
         note(f"{mode}: {fxrelay.plan_of(transformed)}")
+    float64 = None
     if step.autocast:
+        start = snapshot(transformed)
+        float64 = run_step(transformed, x, y, "one-line", replace(step, autocast=False))
+        restore(transformed, start)
         transformed.float()
         x = x.float()
     start = snapshot(transformed)
     try:
         restore(transformed, start)
         want = run_step(transformed, x, y, "one-line", step)
+        rounding = bfloat16_rounding(want, float64) if float64 is not None else None
         for execution in ("recompute", "local"):
             restore(transformed, start)
             assert_same_step(run_step(transformed, x, y, execution, step), want,
-                             AUTOCAST if step.autocast else EXACT, f"{mode} {execution} vs one-line: ")
+                             AUTOCAST if step.autocast else EXACT, f"{mode} {execution} vs one-line: ",
+                             rounding=rounding)
             tally.count(execution, "ok")
         tally.count("one-line", "ok")
         if mode == "greedy":
             # reason: with dropout over micro-batches, the sequential step skips later stages' draws
             sequential = step if "dropout" not in case.features else StepOptions(1, step.autocast, step.seed)
-            check_sequential(transformed, x, y, sequential, start, tally)
+            check_sequential(transformed, x, y, sequential, start, tally, rounding)
         restore(transformed, start)
         if not step.autocast and "dropout" not in case.features:
             check_oracle(transformed, x, y, step, want)

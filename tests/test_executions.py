@@ -380,3 +380,45 @@ def test_recompute_is_the_new_name_of_checkpoint_and_removed_aliases_say_their_n
         fxrelay.transform(DropNet().double(), "greedy", example_input=x, heads=[1])
     with pytest.raises(TypeError, match=r"head_kind="):
         fxrelay.transform(DropNet().double(), "greedy", example_input=x, head="linear")
+
+
+def test_transform_for_a_memory_execution_partitions_for_it_and_the_recipe_runs_it():
+    """``transform(execution=...)``: with ``num_stages`` and the default balance, a memory execution gets
+    the recompute boundaries (resnet50, 8 stages: a LocalStep estimate below the one-line partition's);
+    the plan records it; ``Recipe()`` trains with it; a named Recipe execution wins."""
+    import timm
+    import torchvision
+    from torch.utils.data import DataLoader
+
+    from fxrelay.train.loop import Trainer
+    from fxrelay.train.recipe import Recipe
+
+    x = torch.randn(1, 3, 128, 128)
+    base = torchvision.models.resnet50(num_classes=10)
+    plans = {execution: fxrelay.plan_of(fxrelay.transform(base, "greedy", num_stages=8, example_input=x,
+                                                          execution=execution))
+             for execution in ("one-line", "local", "sequential", "recompute")}
+    by_recompute = fxrelay.partition(base, num_stages=8, balance="recompute", example_input=x)
+    for execution in ("local", "sequential", "recompute"):
+        assert [s.nodes for s in plans[execution].stages] == [s.nodes for s in by_recompute.stages]
+        assert plans[execution].execution == execution
+    assert plans["recompute"].recompute and not plans["local"].recompute
+    local = {e: plans[e].memory_estimate(16)["local"] for e in ("one-line", "local")}
+    assert local["local"] < 0.8 * local["one-line"], local
+    model = fxrelay.transform(timm.create_model("resnet10t", num_classes=10), "greedy",
+                              example_input=x[:, :, :32, :32], execution="local")
+    loader = DataLoader(fxrelay.Shapes(8, 32, 10, seed=0), batch_size=4)
+    assert Trainer(model, loader, 1).recipe.execution == "local"
+    assert Trainer(model, loader, 1, Recipe(execution="one-line")).recipe.execution == "one-line"
+    assert Trainer(timm.create_model("resnet10t", num_classes=10), loader, 1).recipe.execution == "one-line"
+
+
+def test_transform_execution_is_checked_and_recompute_is_the_recompute_execution():
+    x, _ = _data()
+    assert fxrelay.plan_of(fxrelay.transform(DropNet().double(), "greedy", example_input=x,
+                                             recompute=True)).execution == "recompute"
+    with pytest.raises(ValueError, match=r"execution must be one of one-line, recompute, local, sequential, "
+                                         r"got 'locl'.*did you mean 'local'"):
+        fxrelay.transform(DropNet().double(), "greedy", example_input=x, execution="locl")
+    with pytest.raises(ValueError, match=r"recompute=True is execution='recompute'; execution='local' runs"):
+        fxrelay.transform(DropNet().double(), "greedy", example_input=x, execution="local", recompute=True)

@@ -14,8 +14,9 @@ micro-batches, CPU autocast, the dropout seed):
     per-head logits, gradients and BatchNorm buffers (relative 1e-9 in float64; the
     sequential step: its stage's and head's gradients, the buffers of the stages it
     ran), or *refuses* with an error saying the fix; a refusal is counted, never skipped;
-    under bfloat16 autocast, within 3e-2 or half the bfloat16 step's own rounding of
-    that gradient (its distance from the float64 step), whichever is larger;
+    under bfloat16 autocast, a gradient within 3e-2 of the one-line step's, or no further
+    from the float64 step's than :data:`ROUNDING_FACTOR` times the one-line step's own
+    bfloat16 error;
 (d) the transformed model's eval output equals the original model's (1e-12) and
     ``fxrelay.deploy(model)`` equals the transformed model's (1e-9).
 
@@ -60,12 +61,14 @@ CASES = int(os.environ.get("FXRELAY_DIFF_CASES", 0))
 """Cases per run (0: the profile's 300 for test_random_graph, 5,000 for test_random_graph_long)."""
 EXACT, AUTOCAST = 1e-9, 3e-2
 """Relative tolerances between executions: float64; bfloat16 autocast (different summation orders)."""
-ROUNDING_SHARE = 0.5
-"""Under autocast, two executions' gradients may also differ by this share of the bfloat16
-one-line step's distance from the float64 one: each execution sums a stage's gradient channels
-in its own order (the one-line step adds their bfloat16 cotangents, ``LocalStep`` adds each
-channel's parameter gradient in float32), and where bfloat16 is 40% off (a bias gradient summed
-over every position of a tiny case) the orders differ by more than 3e-2 of the value."""
+ROUNDING_FACTOR = 4
+"""Under autocast, an execution's gradient may also be as far from the float64 step's as this
+many times the bfloat16 one-line step's (per tensor, largest element): each execution rounds its
+own way (the one-line step adds the channels' bfloat16 cotangents before one pass, ``LocalStep``
+runs a bfloat16 pass per channel and adds them in float32), and on a bias gradient summed over
+every position of a tiny case, where the sum cancels, two such roundings differ by more than
+3e-2 of the value (tests/test_diff_regressions.py: 3.4% and 5.2%, each execution's error the
+same size as the other's)."""
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -157,38 +160,37 @@ class Tally:
 
 
 def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float, what: str,
-                 rounding: dict[str, float] | None = None) -> None:
-    """Same keys (missing gradients count as zero), values within ``rtol`` (graph_oracle's scaling),
-    or within :data:`ROUNDING_SHARE` of ``rounding[key]`` (see :func:`bfloat16_rounding`)."""
+                 float64: dict[str, torch.Tensor] | None = None) -> None:
+    """Same keys (missing gradients count as zero), values within ``rtol`` (graph_oracle's scaling);
+    with the ``float64`` step's values (``want`` is the bfloat16 one-line step's), a value outside
+    ``rtol`` passes when it is within :data:`ROUNDING_FACTOR` times ``want``'s distance from them."""
     keys = set(got) | set(want)
     zeros = {k: torch.zeros_like((got.get(k) if k in got else want[k])) for k in keys}
     got_all, want_all = {k: got.get(k, zeros[k]) for k in keys}, {k: want.get(k, zeros[k]) for k in keys}
     error, where = max_rel_error(got_all, want_all, {k: k for k in keys})
-    if error > rtol and rounding:
-        beyond = {k: ROUNDING_SHARE * rounding.get(k, 0.0) for k in keys
-                  if (got_all[k] - want_all[k]).abs().max().item() > ROUNDING_SHARE * rounding.get(k, 0.0)}
+    if error > rtol and float64 is not None:
+        exact = {k: float64.get(k, zeros[k]).double() for k in keys}
+        beyond = [k for k in keys if _distance(got_all[k], exact[k]) > ROUNDING_FACTOR * _distance(want_all[k], exact[k])]
         error, where = max_rel_error({k: got_all[k] for k in beyond}, {k: want_all[k] for k in beyond},
                                      {k: k for k in beyond}) if beyond else (0.0, "")
     assert error <= rtol, f"{what}{where} differs: relative error {error:.3g} > {rtol:g}"
 
 
-def bfloat16_rounding(bfloat16: StepRecord, float64: StepRecord) -> dict[str, float]:
-    """Per parameter, the largest distance between the bfloat16 step's gradient and the float64 one's."""
-    return {n: (bfloat16.grads.get(n, torch.zeros_like(g)).double() - g).abs().max().item()
-            for n, g in float64.grads.items()}
+def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b).abs().max().item()
 
 
 def assert_same_step(got: StepRecord, want: StepRecord, rtol: float, what: str,
-                     buffers: set[str] | None = None, rounding: dict[str, float] | None = None) -> None:
+                     buffers: set[str] | None = None, float64: StepRecord | None = None) -> None:
     """``got``'s losses, logits, gradients and ``buffers`` (default: all) equal ``want``'s for its
-    heads; ``rounding``: the gradients' bfloat16 rounding under autocast (:func:`assert_close`)."""
+    heads; ``float64``: under autocast, ``want``'s step in float64 (:func:`assert_close`)."""
     index = {j: i for i, j in enumerate(want.heads)}
     for i, j in enumerate(got.heads):
         assert_close({"loss": got.losses[i]}, {"loss": want.losses[index[j]]}, rtol, f"{what}head {j} ")
         if got.logits:  # reason: StageParallel reports losses only
             assert_close({"logits": got.logits[i]}, {"logits": want.logits[index[j]]}, rtol, f"{what}head {j} ")
     wanted = want.grads if buffers is None else {n: want.grads.get(n, torch.zeros_like(g)) for n, g in got.grads.items()}
-    assert_close(got.grads, wanted, rtol, f"{what}gradient of ", rounding)
+    assert_close(got.grads, wanted, rtol, f"{what}gradient of ", float64.grads if float64 is not None else None)
     names = set(want.buffers) if buffers is None else buffers
     assert_close({n: got.buffers[n].double() for n in names}, {n: want.buffers[n].double() for n in names},
                  rtol, f"{what}buffer ")
@@ -210,7 +212,7 @@ def _buffers_of(model: nn.Module, modules: list[nn.Module]) -> set[str]:
 
 
 def check_sequential(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: StepOptions,
-                     start: dict[str, torch.Tensor], tally: Tally, rounding: dict[str, float] | None) -> None:
+                     start: dict[str, torch.Tensor], tally: Tally, float64: dict[int, StepRecord]) -> None:
     """(c) for the sequential step of every stage ``k``: its loss, logits, and the gradients of
     the parameters it trains (stage ``k``'s and its head's) are those of the one-line step with
     head ``k``'s weighted loss alone backpropagated (a parameter shared with another stage gets
@@ -230,11 +232,25 @@ def check_sequential(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: S
         one_line = run_step(model, x, y, "one-line", step, head=stage_step.head)
         ran = _buffers_of(model, [*model.stages[:k + 1], *stage_step.trained_modules()[1:]])
         assert got.heads == [stage_step.head], got.heads
-        assert_same_step(got, one_line, AUTOCAST if step.autocast else EXACT, f"sequential stage {k}: ", ran, rounding)
+        assert_same_step(got, one_line, AUTOCAST if step.autocast else EXACT, f"sequential stage {k}: ", ran,
+                         float64.get(stage_step.head))
         kept = set(start) & set(got.buffers) - ran
         assert_close({n: got.buffers[n].double() for n in kept}, {n: start[n].double() for n in kept}, 0.0,
                      f"sequential stage {k}: buffer of a stage it did not run ")
         tally.count("sequential", "ok")
+
+
+def float64_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: StepOptions,
+                  sequential: StepOptions | None) -> dict[int | None, StepRecord]:
+    """Before an autocast step: the float64 one-line step (key ``None``) and, with ``sequential``
+    options (greedy), the one-line step of each head alone; the model's state is left as it was."""
+    start, exact = snapshot(model), replace(step, autocast=False)
+    steps = {None: run_step(model, x, y, "one-line", exact)}
+    restore(model, start)
+    for head in range(len(fxrelay.plan_of(model).heads)) if sequential is not None else ():
+        steps[head] = run_step(model, x, y, "one-line", replace(sequential, autocast=False), head=head)
+        restore(model, start)
+    return steps
 
 
 def check_mode(model: nn.Module, x: torch.Tensor, y: torch.Tensor, case: GraphCase, mode: str,
@@ -243,29 +259,26 @@ def check_mode(model: nn.Module, x: torch.Tensor, y: torch.Tensor, case: GraphCa
     transformed = fxrelay.transform(model, mode, example_input=x, tracing=tracing_of(model), **options)
     with contextlib.suppress(InvalidArgument):  # reason: printed with a failing example; none outside hypothesis
         note(f"{mode}: {fxrelay.plan_of(transformed)}")
-    float64 = None
+    # reason: with dropout over micro-batches, the sequential step skips later stages' draws
+    sequential = step if "dropout" not in case.features else StepOptions(1, step.autocast, step.seed)
+    float64 = float64_steps(transformed, x, y, step, sequential if mode == "greedy" else None) \
+        if step.autocast else {}
     if step.autocast:
-        start = snapshot(transformed)
-        float64 = run_step(transformed, x, y, "one-line", replace(step, autocast=False))
-        restore(transformed, start)
         transformed.float()
         x = x.float()
     start = snapshot(transformed)
     try:
         restore(transformed, start)
         want = run_step(transformed, x, y, "one-line", step)
-        rounding = bfloat16_rounding(want, float64) if float64 is not None else None
         for execution in ("recompute", "local"):
             restore(transformed, start)
             assert_same_step(run_step(transformed, x, y, execution, step), want,
                              AUTOCAST if step.autocast else EXACT, f"{mode} {execution} vs one-line: ",
-                             rounding=rounding)
+                             float64=float64.get(None))
             tally.count(execution, "ok")
         tally.count("one-line", "ok")
         if mode == "greedy":
-            # reason: with dropout over micro-batches, the sequential step skips later stages' draws
-            sequential = step if "dropout" not in case.features else StepOptions(1, step.autocast, step.seed)
-            check_sequential(transformed, x, y, sequential, start, tally, rounding)
+            check_sequential(transformed, x, y, sequential, start, tally, float64)
         restore(transformed, start)
         if not step.autocast and "dropout" not in case.features:
             check_oracle(transformed, x, y, step, want)
@@ -289,7 +302,8 @@ def check_graph(case: GraphCase, data: st.DataObject, tally: Tally) -> None:
     """Every check for ``case``, with transform and step options drawn from ``data``."""
     model, x, y = build(case)
     plan = check_partition(model, x)
-    event(f"stages: {len(plan.stages)}")
+    with contextlib.suppress(InvalidArgument):  # reason: the regression tests replay a case outside hypothesis
+        event(f"stages: {len(plan.stages)}")
     step = step_options(data, case)
     if step.micro_batches > 1:  # reason: each micro-batch keeps the case's batch size (BatchNorm needs 2 samples)
         x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y.roll(1)])

@@ -2,9 +2,11 @@
 
 For each model and partition, the variants are: the untouched model end to end; the
 one-line step (``loss.backward()``) of greedy and relay transforms; the same with stage
-checkpointing (``transform(checkpoint=True)``); ``fxrelay.LocalStep`` of greedy, relay
+checkpointing (``transform(recompute=True)``); ``fxrelay.LocalStep`` of greedy, relay
 (window 2) and deep transforms; and the sequential greedy schedule training the middle
-stage (``fxrelay.train.sequential.train_stage``). Each step is a full SGD step.
+stage (``fxrelay.train.sequential.train_stage``). Each step is a full SGD step. Each variant
+is transformed for its execution (``transform(execution=...)``): with ``--num-stages`` and
+``--balance auto`` the memory executions get their own boundaries.
 
 Memory, three ways, each variant in a fresh process (after a warm-up step, so that
 gradients and optimizer state exist before the measured step):
@@ -48,8 +50,8 @@ from fxrelay.train.sequential import train_stage
 
 VARIANTS = ("untouched", "one-line greedy", "one-line relay", "checkpointed greedy", "checkpointed relay",
             "LocalStep greedy", "LocalStep relay", "LocalStep deep", "sequential greedy")
-_ESTIMATE_OF = {"one-line": "one-line", "checkpointed": "recompute", "LocalStep": "local",
-                "sequential": "sequential"}
+_EXECUTION_OF = {"one-line": "one-line", "checkpointed": "recompute", "LocalStep": "local",
+                 "sequential": "sequential"}
 
 
 def build(name: str, variant: str, num_stages: int | None, balance: str, x: torch.Tensor) -> tuple[Callable, dict]:
@@ -62,8 +64,8 @@ def build(name: str, variant: str, num_stages: int | None, balance: str, x: torc
             {"estimate": plan.memory_estimate(len(x))["one-line"]}
     execution, mode = variant.split()
     model = fxrelay.transform(base, mode, window=2, num_stages=num_stages, balance=balance, example_input=x[:1],
-                              checkpoint=execution == "checkpointed").train()
-    facts = {"estimate": fxrelay.plan_of(model).memory_estimate(len(x))[_ESTIMATE_OF[execution]]}
+                              execution=_EXECUTION_OF[execution]).train()
+    facts = {"estimate": fxrelay.plan_of(model).memory_estimate(len(x))[_EXECUTION_OF[execution]]}
     if execution == "LocalStep":
         local = fxrelay.LocalStep(model, F.cross_entropy)
         return _sgd(model, local), facts
@@ -173,7 +175,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224, help="image side in px (default: 224)")
     p.add_argument("--num-stages", type=int, default=None, help="one partition only (default: the default partition and 8)")
     p.add_argument("--balance", default="auto", choices=BALANCES,
-                   help="how num_stages merges and splits stages (default: auto; checkpointed steps: recompute)")
+                   help="how num_stages merges and splits stages (default: auto: the one-line variants' FLOPs and "
+                        "saved bytes, the memory executions' recompute boundaries)")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds, round-robin over the variants (default: 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)

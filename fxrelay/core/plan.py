@@ -50,6 +50,8 @@ class Plan:
             re-trace with it).
         recompute: the transformed model keeps only stage boundaries for backward and
             recomputes each stage and head there (``transform(recompute=True)``).
+        execution: the execution the model was transformed for (``transform(execution=...)``):
+            the stages serve it, and :class:`~fxrelay.Recipe` runs it unless told otherwise.
         output: the keys from the model's output to the leaf that carries the heads
             (``()``: the output is that tensor; ``("logits",)`` for a dict output).
     """
@@ -63,6 +65,7 @@ class Plan:
     tracing: TracingConfig = TracingConfig()
     recompute: bool = False
     output: tuple = ()
+    execution: str = "one-line"
 
     @property
     def checkpoint(self) -> bool:

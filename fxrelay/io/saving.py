@@ -157,7 +157,7 @@ def save(model: nn.Module, path: str | Path, *, recipe: ModelSpec | None = None,
     Raises:
         ValueError: a transformed model to ``.pt2`` (deploy it first), a plain model to
             another suffix, or a missing or unstorable recipe, or one that does not rebuild
-            the model's plan (stages, heads, windows, weights, kinds, mode, recompute).
+            the model's plan (stages, heads, windows, weights, kinds, mode, recompute, execution).
     """
     path = Path(path)
     if path.suffix == EXPORT_SUFFIX:
@@ -220,6 +220,8 @@ def _plan_difference(saved: Plan, rebuilt: Plan) -> str:
         return f"mode {saved.mode!r}, the recipe's {rebuilt.mode!r}"
     if _recompute(saved) != _recompute(rebuilt):
         return f"recompute {_recompute(saved)}, the recipe's {_recompute(rebuilt)}"
+    if saved.execution != rebuilt.execution:
+        return f"execution {saved.execution!r}, the recipe's {rebuilt.execution!r}"
     if [s.nodes for s in saved.stages] != [s.nodes for s in rebuilt.stages]:
         return f"{len(saved.stages)} stages, the recipe's {len(rebuilt.stages)} with other boundaries"
     heads = [[(h.stage, h.span, h.weight, h.kind) for h in p.heads] for p in (saved, rebuilt)]

@@ -52,6 +52,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..core._compat import USER_PRESERVED_ATTRIBUTES_KEY
+from ..core.choices import EXECUTIONS
 from ..core.events import transformed
 from ..core.ir import TracingConfig
 from ..core.modules import AuxHead, ModuleSeq, training_mode
@@ -64,7 +65,7 @@ from .heads import HeadFactory, assign_heads, check_mode, describe_head, head_fl
 from .introspect import model_aux_heads, num_classes_of, output_path
 from .partition import partition
 from .split import split_stages
-from .tracing import ExampleInput, check_module, default_example_input, tracing_config
+from .tracing import ExampleInput, check_module, default_example_input, did_you_mean, tracing_config
 
 __all__ = ["transform", "plan_of", "is_transformed", "original_state_dict", "head_parameters",
            "recompute_view"]
@@ -94,6 +95,7 @@ def transform(
     num_classes: int | None = None,
     output: Union[str, int, OutputPath, None] = None,
     recompute: bool = False,
+    execution: str = "one-line",
     optimizer: torch.optim.Optimizer | None = None,
     tracing: TracingConfig | None = None,
     **removed: Any,
@@ -124,7 +126,14 @@ def transform(
         recompute: keep only the stage boundaries for backward and recompute each stage
             and head there (stage recompute: gradients unchanged, one more forward,
             far less memory; in greedy mode each stage's recompute and backward is local).
-            ``checkpoint=`` is its deprecated name.
+            ``checkpoint=`` is its deprecated name. The same as ``execution="recompute"``.
+        execution: how the model will train (:data:`fxrelay.core.choices.EXECUTIONS`):
+            ``"one-line"``, ``"recompute"``, ``"local"`` (:class:`fxrelay.LocalStep`) or
+            ``"sequential"``. With ``num_stages`` and ``balance="auto"``, the memory
+            executions get the boundaries that minimise their peak (``balance="recompute"``),
+            the one-line step stages even in FLOPs and saved bytes. Recorded in the plan;
+            :class:`fxrelay.Recipe` trains with it by default. The gradients are the same
+            whichever execution runs the model.
         optimizer: an optimizer already built on ``model.parameters()``: the heads'
             parameters are added to it as a new parameter group.
         tracing: the tracing configuration (see :class:`fxrelay.TracingConfig`).
@@ -143,19 +152,19 @@ def transform(
     if is_transformed(model):
         raise ValueError("model is already transformed by fxrelay.transform; transform the original model "
                          "(fxrelay.plan_of(model) shows the current plan)")
-    recompute = _renamed(removed, recompute)
+    recompute, execution = _execution(_renamed(removed, recompute), execution)
     _check_arguments(mode, window, head_stages, head_kind, aux_weight, skip_first, num_classes)
     config = tracing_config(tracing)
     own = _own_heads(model, example_input, config) if head_stages == "model" else {}
     with training_mode(model, False):  # reason: the inference graph; aux-logit branches stay out
-        balance = "recompute" if recompute and balance == "auto" else balance  # reason: the memory it is for
+        balance = "recompute" if execution != "one-line" and balance == "auto" else balance  # reason: the memory it is for
         plan = partition(model, boundaries, num_stages, example_input, balance=balance, tracing=config,
                          cut_after=list(own.values()))
     plan = dataclasses.replace(plan, output=output_path(plan, output))
     if own:
         stage_of = {s.outputs[-1]: s.index for s in plan.stages}
         head_stages, head_kind = [stage_of[name] for name in own.values()], "model"
-    plan = dataclasses.replace(plan, mode=mode, recompute=bool(recompute), heads=assign_heads(
+    plan = dataclasses.replace(plan, mode=mode, recompute=recompute, execution=execution, heads=assign_heads(
         len(plan.stages), mode, window=window, head_stages=head_stages, skip_first=skip_first,
         aux_weight=aux_weight, kind=kind_name(head_kind)))
     bodies = [model.get_submodule(name) for name in own] or _new_heads(model, plan, head_kind, num_classes)
@@ -201,6 +210,18 @@ def _renamed(removed: dict[str, Any], recompute: bool) -> bool:
     if recompute:
         raise ValueError("pass either checkpoint= (deprecated) or recompute=, not both")
     return bool(removed["checkpoint"])
+
+
+def _execution(recompute: bool, execution: str) -> tuple[bool, str]:
+    """``(recompute, execution)`` made consistent: ``recompute=True`` is the recompute execution."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}"
+                         f"{did_you_mean(execution, EXECUTIONS)}")
+    if recompute and execution not in ("one-line", "recompute"):
+        raise ValueError(f"recompute=True is execution='recompute'; execution={execution!r} runs the stages "
+                         "itself: pass one of them")
+    execution = "recompute" if recompute else execution
+    return execution == "recompute", execution
 
 
 def _is_weight(value: Any) -> bool:

@@ -98,10 +98,10 @@ class Trainer:
                  device: str | torch.device = "cpu", no_weight_decay: Collection[str] = ()):
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
-        self.recipe = recipe or Recipe()
+        self.plan: Plan | None = plan_of(model) if is_transformed(model) else None
+        self.recipe = _with_execution(recipe or Recipe(), self.plan)
         self.model, self.loader, self.epochs, self.device = model.to(device), train_loader, epochs, torch.device(device)
         self.steps_per_epoch = len(train_loader)
-        self.plan: Plan | None = plan_of(model) if is_transformed(model) else None
         self.schedule = self._stage_schedule()
         self.optimizer = make_optimizer(self.recipe, param_groups_weight_decay(
             model, self.recipe.weight_decay, no_weight_decay_list=no_weight_decay))
@@ -302,6 +302,13 @@ class Trainer:
         self._cache = None
         set_rng_state(state["rng"], self.loader)
 
+
+
+def _with_execution(recipe: Recipe, plan: Plan | None) -> Recipe:
+    """``recipe`` with its execution named: the plan's (one-line for a plain model) when it gives none."""
+    if recipe.execution is not None:
+        return recipe
+    return dataclasses.replace(recipe, execution=plan.execution if plan is not None else "one-line")
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: Iterable, epochs: int, *,

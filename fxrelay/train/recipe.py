@@ -38,6 +38,9 @@ class Recipe:
         execution: how each step runs: ``"one-line"``, ``"recompute"``, ``"local"`` or
             ``"sequential"`` (one stage at a time, greedy transforms,
             :mod:`fxrelay.train.sequential`); see :mod:`fxrelay.train.executions`.
+            Default (``None``): the execution the model was transformed for
+            (``fxrelay.transform(..., execution=...)``, whose stages serve it); one-line for
+            a model fxrelay did not transform.
         sequential: deprecated alias of ``execution="sequential"``.
         cache_prefix: sequential only: compute the frozen prefix's outputs once per
             stage (deterministic data only; memory: the dataset times one stage input).
@@ -53,7 +56,7 @@ class Recipe:
     label_smoothing: float = 0.1
     amp: bool = False
     ema_decay: float = 0.0
-    execution: str = "one-line"
+    execution: str | None = None
     sequential: bool = False
     cache_prefix: bool = False
 
@@ -70,7 +73,8 @@ class Recipe:
                           DeprecationWarning, stacklevel=3)
             object.__setattr__(self, "execution", "sequential")
             object.__setattr__(self, "sequential", False)  # reason: one field says how steps run
-        check_execution(self.execution)
-        if self.cache_prefix and self.execution != "sequential":
+        if self.execution is not None:
+            check_execution(self.execution)
+        if self.cache_prefix and self.execution not in (None, "sequential"):
             raise ValueError("cache_prefix caches the frozen stages of the sequential schedule: set "
                              "execution='sequential'")

@@ -26,10 +26,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.fx as fx
@@ -205,7 +206,7 @@ class _MetaPropagator(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if self.counter is not None:
             self.counter.key = n.name
-        if self.count_flops and _may_cost_flops(n, self.module):
+        if self.count_flops and _may_cost_flops(n, self.submodules):
             with _FlopCounter() as counter:
                 value = super().run_node(n)
             self.flops[n.name], self.steps = counter.total * self.steps, 1
@@ -279,9 +280,9 @@ def _is_shape_preserving(module: nn.Module) -> bool:
     return type(module).__module__.endswith("layers.norm_act") or type(module).__name__ == "FrozenBatchNorm2d"
 
 
-def _may_cost_flops(n: fx.Node, root: nn.Module) -> bool:
+def _may_cost_flops(n: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     if n.op == "call_module":
-        return not _is_shape_preserving(root.get_submodule(n.target))
+        return not _is_shape_preserving(modules[n.target])
     if n.op == "call_method":
         return any(k in n.target for k in _FLOP_METHODS)
     if n.op == "call_function":
@@ -350,14 +351,19 @@ def _run_with_state(gm: fx.GraphModule, state: dict[str, torch.Tensor], run: Cal
     return functional_call(_Runner(gm, run), {f"gm.{k}": v for k, v in state.items()}, inputs)
 
 
-def owned_parameters(node: fx.Node, root: nn.Module) -> list[nn.Parameter]:
-    """Parameters a node uses directly: those of a called module, or a fetched parameter."""
+def owned_parameters(node: fx.Node, modules: Mapping[str, nn.Module]) -> list[nn.Parameter]:
+    """Parameters a node uses directly: those of a called module, or a fetched parameter.
+
+    Args:
+        modules: the graph module's ``dict(gm.named_modules())``, made once per pass (a
+            ``get_submodule`` walk per node was a tenth of a partition's time).
+    """
     if node.op == "call_module":
-        return list(root.get_submodule(node.target).parameters())
+        return list(modules[node.target].parameters())
     if node.op == "get_attr":
-        attr = root
-        for part in node.target.split("."):
-            attr = getattr(attr, part)
+        prefix, _, name = node.target.rpartition(".")
+        attr = getattr(modules[prefix], name) if prefix in modules else functools.reduce(
+            getattr, node.target.split("."), modules[""])
         return [attr] if isinstance(attr, nn.Parameter) else []
     return []
 
@@ -366,6 +372,7 @@ def _node_info(gm, first, second, size, batch, counter) -> dict[str, NodeInfo]:
     saved, reused = (counter.bytes, counter.reused) if counter is not None else ({}, {})
     owners = counter.owners if counter is not None else {}
     info: dict[str, NodeInfo] = {}
+    modules = first.submodules
     for n in gm.graph.nodes:
         value = first.values.get(n.name)
         t1 = first_tensor(value)
@@ -379,7 +386,7 @@ def _node_info(gm, first, second, size, batch, counter) -> dict[str, NodeInfo]:
             shape=tuple(t1.shape) if t1 is not None else None,
             dtype=t1.dtype if t1 is not None else None,
             flops=first.flops.get(n.name, 0) // batch,
-            params=sum(p.numel() for p in owned_parameters(n, gm)),
+            params=sum(p.numel() for p in owned_parameters(n, modules)),
             reduction=reduction,
             level=reduction if reduction is not None else inherited,
             bytes=sum(t.numel() * t.element_size() for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)),

@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch.fx as fx
 from torch import nn
@@ -136,8 +136,9 @@ def _analyse(model: nn.Module, gm: fx.GraphModule, example_input: ExampleInput, 
 def _warn_collapsed_maps(gm: fx.GraphModule, analysis: Analysis, example_input: ExampleInput) -> None:
     """Warn when the example input is too small: a downsampling layer sees a 1-pixel map, so the
     levels from it on (and their stages) cannot be found."""
+    modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
-        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        module = modules[node.target] if node.op == "call_module" else None
         stride = getattr(module, "stride", 1) if isinstance(module, _DOWNSAMPLING) else 1
         if max(stride if isinstance(stride, tuple) else (stride,)) < 2:
             continue
@@ -327,6 +328,7 @@ def build_stages(index: CutIndex, bounds: list[int], transitions: list[int]) -> 
             stage_of[n.name] = min((stage_of.get(u.name, last) for u in n.users), default=0)
     members = [[n for n in gm.graph.nodes if stage_of.get(n.name) == k] for k in range(last + 1)]
     names = stage_names([[n for n in nodes if n.name not in index.constants] for nodes in members], info)
+    modules = dict(gm.named_modules())
     levels = [(t, info[index.order[t].name].reduction) for t in transitions]
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     stages = []
@@ -338,8 +340,8 @@ def build_stages(index: CutIndex, bounds: list[int], transitions: list[int]) -> 
                           and any(stage_of.get(u.name, len(index.order)) != k for u in n.users)},
                          key=lambda name: (info[name].shape is not None, order[name]))
         main = info[outputs[-1]] if outputs else info[nodes[-1].name]
-        params = {id(p): p.numel() for n in nodes for p in owned_parameters(n, gm)}
-        detached, inputs_saved = _detached_saved_bytes(gm, nodes, info)
+        params = {id(p): p.numel() for n in nodes for p in owned_parameters(n, modules)}
+        detached, inputs_saved = _detached_saved_bytes(modules, nodes, info)
         stages.append(Stage(
             index=k, name=names[k], nodes=tuple(n.name for n in nodes),
             inputs=tuple(sorted(inputs, key=order.__getitem__)), outputs=tuple(outputs),
@@ -355,12 +357,12 @@ def build_stages(index: CutIndex, bounds: list[int], transitions: list[int]) -> 
     return tuple(stages)
 
 
-def _detached_saved_bytes(gm: fx.GraphModule, nodes: Sequence[fx.Node], info) -> tuple[int, int]:
+def _detached_saved_bytes(modules: Mapping[str, nn.Module], nodes: Sequence[fx.Node], info) -> tuple[int, int]:
     """Bytes the stage's ``nodes`` save when its inputs do not require grad, and of those, the bytes of
     storages made outside the stage (its inputs): only nodes with parameters or a grad-requiring input save.
     """
     members = {n.name for n in nodes}
-    grad = {n.name for n in nodes if any(p.is_floating_point() for p in owned_parameters(n, gm))}
+    grad = {n.name for n in nodes if any(p.is_floating_point() for p in owned_parameters(n, modules))}
     for n in nodes:
         if any(s.name in grad for s in n.all_input_nodes):
             grad.add(n.name)

@@ -41,11 +41,11 @@ def stage_module(gm: fx.GraphModule, stage: Stage, nodes: dict[str, fx.Node]) ->
     """
     graph = fx.Graph(tracer_cls=GeneratedCodeTracer)
     env: dict[str, fx.Node] = {}
-    members = set(stage.nodes)
+    members, modules = set(stage.nodes), dict(gm.named_modules())
     for name in stage.inputs:
         placeholder = graph.placeholder(name)
         placeholder.meta = dict(nodes[name].meta)
-        mutated = any(u.name in members and mutates_input(u, gm) for u in nodes[name].users)
+        mutated = any(u.name in members and mutates_input(u, modules) for u in nodes[name].users)
         env[name] = graph.call_method("clone", (placeholder,)) if mutated else placeholder
     for name in stage.nodes:
         _copy_with_constants(graph, nodes[name], env)

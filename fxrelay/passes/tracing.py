@@ -41,7 +41,7 @@ import math
 import operator
 import os
 import traceback
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import timm.models  # noqa: F401  (reason: importing the models registers their notrace modules and functions)
 import torch
@@ -276,10 +276,11 @@ def trace(
     return gm
 
 
-def mutates_input(node: fx.Node, root: nn.Module) -> bool:
-    """Whether ``node`` writes into its first argument (``relu_``, ``inplace=True``, ...)."""
+def mutates_input(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether ``node`` writes into its first argument (``relu_``, ``inplace=True``, ...);
+    ``modules``: the graph module's ``dict(gm.named_modules())``."""
     if node.op == "call_module":
-        return getattr(root.get_submodule(node.target), "inplace", False) is True
+        return getattr(modules[node.target], "inplace", False) is True
     if node.kwargs.get("inplace") is True:
         return True
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
@@ -289,14 +290,14 @@ def mutates_input(node: fx.Node, root: nn.Module) -> bool:
 def _read_after_inplace(gm: fx.GraphModule) -> None:
     """Make every read of a tensor after an in-place op on it read the op's result (the same tensor)."""
     latest: dict[fx.Node, fx.Node] = {}  # reason: a mutated value -> the node whose result it now is
-    changed = False
+    changed, modules = False, dict(gm.named_modules())
     for node in gm.graph.nodes:
         if latest:
             args = fx.node.map_arg(node.args, lambda n: latest.get(n, n))
             kwargs = fx.node.map_arg(node.kwargs, lambda n: latest.get(n, n))
             changed |= args != node.args or kwargs != node.kwargs
             node.args, node.kwargs = args, kwargs
-        if node.op != "output" and node.args and isinstance(node.args[0], fx.Node) and mutates_input(node, gm):
+        if node.op != "output" and node.args and isinstance(node.args[0], fx.Node) and mutates_input(node, modules):
             target = node.args[0]
             for value in [v for v, now in latest.items() if now is target] + [target]:
                 latest[value] = node

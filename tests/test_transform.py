@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import fxrelay
 from fxrelay.core.outputs import HeadOutputs
@@ -276,3 +278,85 @@ def test_a_head_pickled_before_window_was_renamed_span_loads_with_its_span():
     assert b"Vspan\n" in new  # reason: a Head pickles its fields by name
     old = new.replace(b"Vspan\n", b"Vwindow\n")  # reason: the bytes a pickle from before the rename holds
     assert pickle.loads(old) == head
+
+
+@pytest.mark.parametrize("kind", ["auto", "layercnn", "dgl"])
+def test_head_relu_gives_relus_gradients_and_holds_one_map_fewer(kind):
+    """Heads use ``HeadReLU``: the same gradients as ``nn.ReLU(inplace=True)`` (also of second
+    order, and under an expanded incoming gradient); an ``auto`` head's backward at 32x32 holds one
+    map fewer (less a bool mask)."""
+    from fxrelay.core.modules import HeadReLU
+    from fxrelay.passes.heads import make_head
+
+    torch.manual_seed(0)
+    lean = make_head(kind, (16, 32, 32), 5).double()
+    plain = copy.deepcopy(lean)
+    for name, m in list(plain.named_modules()):
+        if isinstance(m, HeadReLU):
+            plain.get_submodule(name.rpartition(".")[0]).register_module(name.rpartition(".")[2], nn.ReLU(inplace=True))
+    assert any(isinstance(m, HeadReLU) for m in lean.modules()) and not any(isinstance(m, HeadReLU) for m in plain.modules())
+    x = torch.randn(4, 16, 32, 32, dtype=torch.float64)
+
+    def grads(body, create_graph=False):
+        inp = x.clone().requires_grad_()
+        out = body(inp * 1.0)
+        g = torch.autograd.grad(out.square().sum(), [inp, *body.parameters()], create_graph=create_graph)
+        if create_graph:  # reason: a second derivative through the ReLU's backward
+            return torch.autograd.grad(g[0].square().sum(), inp)
+        return g
+
+    for a, b in zip(grads(lean), grads(plain)):
+        assert torch.equal(a, b)
+    for a, b in zip(grads(lean, True), grads(plain, True)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+    inp = x.clone().requires_grad_()
+    lean(inp * 1.0).sum().backward()  # reason: an expanded incoming gradient is not overwritten
+    reference = x.clone().requires_grad_()
+    plain(reference * 1.0).sum().backward()
+    assert torch.equal(inp.grad, reference.grad)
+    if kind == "auto":
+        made = []
+        for body in (lean, plain):
+            out = body(x.clone().requires_grad_() * 1.0)
+            with _NewBytes() as new:
+                out.square().sum().backward()
+            made.append(new.total)
+        map_bytes = 4 * 16 * 32 * 32 * 8
+        assert made[1] - made[0] == map_bytes - map_bytes // 8, made  # reason: no map, a bool mask instead
+
+
+class _NewBytes(TorchDispatchMode):
+    """Bytes of the storages the ops inside the block create (not their peak: their sum)."""
+
+    def __enter__(self):
+        self.total = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        self.total += sum(t.untyped_storage().nbytes() for t in tree_flatten(out)[0]
+                          if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs)
+        return out
+
+
+def test_head_conv1x1_is_the_convolution():
+    """``auto`` and ``dgl`` heads compute their 1x1 convolutions as matrix products (``Conv1x1``): the
+    convolution's values and gradients (float64, to rounding), the same parameters (old head weights load)."""
+    from fxrelay.core.modules import Conv1x1
+    from fxrelay.passes.heads import describe_head, make_head
+
+    torch.manual_seed(0)
+    conv = Conv1x1(16, 8).double()
+    x = torch.randn(4, 16, 9, 7, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    want = F.conv2d(x, conv.weight)
+    assert torch.allclose(out, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, [x, conv.weight], g)
+    want_grads = torch.autograd.grad(want, [x, conv.weight], g)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got_grads, want_grads))
+    head = make_head("auto", (16, 8, 8), 5)
+    assert isinstance(head[0], Conv1x1) and describe_head(head) == "conv1x1-BN-ReLU-pool2x2-linear"
+    plain = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), *list(head)[1:])
+    head.load_state_dict(plain.state_dict())  # reason: a head saved with nn.Conv2d loads

@@ -24,7 +24,7 @@ from torch import nn
 
 from ._compat import tree_flatten
 
-__all__ = ["ModuleSeq", "AuxHead", "first_tensor", "training_mode"]
+__all__ = ["ModuleSeq", "AuxHead", "Conv1x1", "HeadReLU", "first_tensor", "training_mode"]
 
 
 class ModuleSeq(nn.Module):
@@ -76,6 +76,68 @@ class AuxHead(nn.Module):
 
     def forward(self, features: Any) -> torch.Tensor | None:
         return self.body(first_tensor(features)) if self.training else None
+
+
+class Conv1x1(nn.Conv2d):
+    """A 1x1 convolution without bias for aux heads, computed as a matrix product over the channels:
+    the convolution's values (to rounding) and parameters, and a backward that allocates only the
+    input's gradient. On CPU oneDNN's convolution backward holds two more maps of the input's size,
+    the largest term of a greedy local step's resident peak (docs/performance.md).
+
+    >>> conv = Conv1x1(8, 4); x = torch.randn(2, 8, 5, 5)
+    >>> torch.allclose(conv(x), torch.nn.functional.conv2d(x, conv.weight), atol=1e-6)
+    True
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        # reason: bmm reads the (channels, positions) matrices in place; matmul's broadcasting folds a copy
+        out = torch.bmm(self.weight.view(1, self.out_channels, c).expand(n, -1, -1), x.reshape(n, c, h * w))
+        return out.view(n, self.out_channels, h, w)
+
+
+class _ReLUIntoGrad(torch.autograd.Function):
+    """``relu_`` whose backward zeroes the incoming gradient where the output is 0, in place."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.relu_()
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        # reason: only a dense gradient of its own (not a view or an expanded value that another node may
+        # share, not part of a graph being built for a second derivative) may be overwritten
+        own = grad._base is None and grad.is_contiguous() and not torch.is_grad_enabled()
+        return grad.masked_fill_(out <= 0, 0) if own else grad.masked_fill(out <= 0, 0)
+
+
+class HeadReLU(nn.ReLU):
+    """``nn.ReLU(inplace=True)`` for aux heads: the same values and gradients, with the input
+    gradient written into the incoming one. The head's backward at its stage's resolution (the
+    pool's gradient, then the ReLU's) is the peak of a greedy local step; this holds one map
+    fewer there (docs/performance.md). Only for fxrelay's head bodies, where the layer after it
+    (a pool, conv or linear) makes a fresh gradient that nothing else reads; a view or expanded
+    gradient is never overwritten.
+
+    >>> x = torch.randn(2, 3, requires_grad=True)
+    >>> HeadReLU()(x.clone()).sum().backward(); x.grad.equal((x > 0).float())
+    True
+    """
+
+    def __init__(self) -> None:
+        super().__init__(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_scripting():
+            return x.relu_()
+        return _ReLUIntoGrad.apply(x)
 
 
 @contextlib.contextmanager

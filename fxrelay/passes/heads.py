@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.choices import HEAD_KINDS, MODES, default_aux_weight
 from ..core.ir import MAIN, Head
-from ..core.modules import training_mode
+from ..core.modules import Conv1x1, HeadReLU, training_mode
 from .tracing import did_you_mean
 
 __all__ = ["HeadFactory", "ChannelsLast", "TokenMean", "make_head", "kind_name", "head_flops",
@@ -93,7 +93,8 @@ def head_flops(head: nn.Module, feature_shape: tuple) -> int:
     return counter.get_total_flops()
 
 
-_SHORT_NAMES = {nn.BatchNorm1d: "BN", nn.BatchNorm2d: "BN", nn.LayerNorm: "LN", nn.ReLU: "ReLU", nn.Linear: "linear",
+_SHORT_NAMES = {nn.BatchNorm1d: "BN", nn.BatchNorm2d: "BN", nn.LayerNorm: "LN", nn.ReLU: "ReLU", HeadReLU: "ReLU",
+                nn.Linear: "linear",
                 TokenMean: "TokenMean", ChannelsLast: "ChannelsLast"}
 
 
@@ -177,7 +178,7 @@ def _to_nchw(shape: tuple) -> tuple[list[nn.Module], int]:
 
 def _auto(channels: int, num_classes: int, depth: int) -> list[nn.Module]:
     width = min(channels, _AUTO_WIDTH)
-    return [nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+    return [Conv1x1(channels, width), nn.BatchNorm2d(width), HeadReLU(),
             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, num_classes)]
 
 
@@ -189,7 +190,7 @@ def _layercnn(channels: int, num_classes: int, depth: int) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for _ in range(depth):
         layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-                   nn.ReLU(inplace=True)]
+                   HeadReLU()]
     return layers + [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * channels, num_classes)]
 
 
@@ -197,6 +198,6 @@ def _dgl(channels: int, num_classes: int, depth: int) -> list[nn.Module]:
     width = min(channels, _AUTO_WIDTH)
     layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(2)]
     for i in range(depth):
-        layers += [nn.Conv2d(channels if i == 0 else width, width, 1, bias=False), nn.BatchNorm2d(width),
-                   nn.ReLU(inplace=True)]
+        layers += [Conv1x1(channels if i == 0 else width, width), nn.BatchNorm2d(width),
+                   HeadReLU()]
     return layers + [nn.Flatten(), nn.Linear(4 * width, num_classes)]

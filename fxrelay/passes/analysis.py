@@ -352,12 +352,8 @@ def _run_with_state(gm: fx.GraphModule, state: dict[str, torch.Tensor], run: Cal
 
 
 def owned_parameters(node: fx.Node, modules: Mapping[str, nn.Module]) -> list[nn.Parameter]:
-    """Parameters a node uses directly: those of a called module, or a fetched parameter.
-
-    Args:
-        modules: the graph module's ``dict(gm.named_modules())``, made once per pass (a
-            ``get_submodule`` walk per node was a tenth of a partition's time).
-    """
+    """Parameters a node uses directly: those of a called module, or a fetched parameter; ``modules``:
+    ``dict(gm.named_modules())``, made once per pass (a walk per node was a tenth of a partition)."""
     if node.op == "call_module":
         return list(modules[node.target].parameters())
     if node.op == "get_attr":

@@ -356,6 +356,8 @@ def test_head_conv1x1_is_the_convolution():
     got_grads = torch.autograd.grad(out, [x, conv.weight], g)
     want_grads = torch.autograd.grad(want, [x, conv.weight], g)
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got_grads, want_grads))
+    small = torch.randn(4, 16, 2, 2, dtype=torch.float64)  # reason: fewer positions than outputs: the convolution
+    assert torch.allclose(conv(small), F.conv2d(small, conv.weight), rtol=1e-12, atol=1e-12)
     head = make_head("auto", (16, 8, 8), 5)
     assert isinstance(head[0], Conv1x1) and describe_head(head) == "conv1x1-BN-ReLU-pool2x2-linear"
     plain = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), *list(head)[1:])

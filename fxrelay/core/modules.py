@@ -81,8 +81,10 @@ class AuxHead(nn.Module):
 class Conv1x1(nn.Conv2d):
     """A 1x1 convolution without bias for aux heads, computed as a matrix product over the channels:
     the convolution's values (to rounding) and parameters, and a backward that allocates only the
-    input's gradient. On CPU oneDNN's convolution backward holds two more maps of the input's size,
-    the largest term of a greedy local step's resident peak (docs/performance.md).
+    input's gradient and a weight gradient per sample (summed), no larger than the input where it is
+    used: maps of at least ``out_channels`` positions; smaller maps run the convolution. On CPU oneDNN's
+    convolution backward holds two more maps of the input's size, the largest term of a greedy local
+    step's resident peak (docs/performance.md).
 
     >>> conv = Conv1x1(8, 4); x = torch.randn(2, 8, 5, 5)
     >>> torch.allclose(conv(x), torch.nn.functional.conv2d(x, conv.weight), atol=1e-6)
@@ -94,6 +96,8 @@ class Conv1x1(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
+        if h * w < self.out_channels:  # reason: bmm's weight gradient, one (out, in) matrix a sample, would pass a map
+            return super().forward(x)
         # reason: bmm reads the (channels, positions) matrices in place; matmul's broadcasting folds a copy
         out = torch.bmm(self.weight.view(1, self.out_channels, c).expand(n, -1, -1), x.reshape(n, c, h * w))
         return out.view(n, self.out_channels, h, w)

@@ -139,7 +139,7 @@ class HeadReLU(nn.ReLU):
         super().__init__(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_scripting():
+        if not (torch.is_grad_enabled() and x.requires_grad):
             return x.relu_()
         return _ReLUIntoGrad.apply(x)
 

@@ -214,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         original = load_model(args.model, num_classes=num_classes)
         model = fxrelay.transform(original, args.mode, window=args.window, head_kind=args.head,
-                                  execution=args.execution, example_input=torch.randn(1, 3, args.image_size, args.image_size))
+                                  execution=args.execution,
+                                  example_input=torch.randn(1, 3, args.image_size, args.image_size))
         if args.pipeline:
             return train_pipelined(args, model, train, val_loader, device)
         trainer = Trainer(model, train_loader, args.epochs, recipe(args), device=device,

@@ -35,7 +35,7 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-__all__ = ["FEATURES", "NUM_CLASSES", "GraphCase", "graphs", "build", "EXAMPLE"]
+__all__ = ["FEATURES", "NUM_CLASSES", "GraphCase", "graphs", "build", "EXAMPLE", "PAIR_LINES"]
 
 NUM_CLASSES = 5
 _WIDTHS = (4, 6, 8)  # reason: never NUM_CLASSES, so a pooled feature vector never looks like logits
@@ -547,7 +547,7 @@ def _live(init: list[str], body: list[_Line], result: str) -> tuple[list[str], l
     return used_init, kept[::-1]
 
 
-_PAIR = ["", "", "class Pair(nn.Module):", "    def __init__(self, c):", "        super().__init__()",
+PAIR_LINES = ["", "", "class Pair(nn.Module):", "    def __init__(self, c):", "        super().__init__()",
          "        self.a = nn.Conv2d(c, c, 3, padding=1)", "        self.b = nn.Conv2d(c, c, 1)", "",
          "    def forward(self, v):", "        return F.relu(self.a(v)), self.b(v)"]
 
@@ -560,7 +560,7 @@ def _source(init: list[str], body: list[_Line], result: str, namedtuple: bool, f
         lines += ["from typing import NamedTuple", "", "",
                   "class Output(NamedTuple):", "    logits: torch.Tensor", "    features: torch.Tensor"]
     if "Pair" in leaves:
-        lines += _PAIR
+        lines += PAIR_LINES
     lines += ["", "", "class Net(nn.Module):", "    def __init__(self):", "        super().__init__()"]
     kept = {line.split(" = ", 1)[0] for line in init}
     lines += [f"        {line}" for line in init]

@@ -17,23 +17,14 @@ from torch import nn
 import fxrelay
 from executions import StepOptions, restore, run_step, snapshot
 from fxrelay.passes.downstream import Unit, _graph_copy
-from graphgen import GraphCase, build
+from graphgen import PAIR_LINES, GraphCase, build
 from test_random_graphs import (AUTOCAST, Tally, _free_port, _stage_parallel_worker, assert_same_step,
                                 check_graph, check_mode, float64_steps)
 
 _HEADER = "import torch\nimport torch.nn.functional as F\nfrom torch import nn\n"
+_PAIR = "\n".join(PAIR_LINES) + "\n"  # reason: the leaf class the generator writes, as it writes it
 
-PAIR_STAGE = GraphCase(_HEADER + '''
-
-class Pair(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.a = nn.Conv2d(c, c, 3, padding=1)
-        self.b = nn.Conv2d(c, c, 1)
-
-    def forward(self, v):
-        return F.relu(self.a(v)), self.b(v)
-
+PAIR_STAGE = GraphCase(_HEADER + _PAIR + '''
 
 class Net(nn.Module):
     def __init__(self):
@@ -88,17 +79,7 @@ class Net(nn.Module):
         return self.fc(v3.mean((2, 3)))
 ''', (2, 3, 16, 16), 0)
 
-CANCELLING_BIAS = GraphCase(_HEADER + '''
-
-class Pair(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.a = nn.Conv2d(c, c, 3, padding=1)
-        self.b = nn.Conv2d(c, c, 1)
-
-    def forward(self, v):
-        return F.relu(self.a(v)), self.b(v)
-
+CANCELLING_BIAS = GraphCase(_HEADER + _PAIR + '''
 
 class Net(nn.Module):
     def __init__(self):

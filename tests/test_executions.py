@@ -422,3 +422,6 @@ def test_transform_execution_is_checked_and_recompute_is_the_recompute_execution
         fxrelay.transform(DropNet().double(), "greedy", example_input=x, execution="locl")
     with pytest.raises(ValueError, match=r"recompute=True is execution='recompute'; execution='local' runs"):
         fxrelay.transform(DropNet().double(), "greedy", example_input=x, execution="local", recompute=True)
+    with pytest.raises(ValueError, match=r"execution='sequential' trains stage by stage.*use mode='greedy' "
+                                         r"\(got 'relay'\), or execution='local'"):
+        fxrelay.transform(DropNet().double(), "relay", example_input=x, execution="sequential")

@@ -170,7 +170,8 @@ def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rt
     error, where = max_rel_error(got_all, want_all, {k: k for k in keys})
     if error > rtol and float64 is not None:
         exact = {k: float64.get(k, zeros[k]).double() for k in keys}
-        beyond = [k for k in keys if _distance(got_all[k], exact[k]) > ROUNDING_FACTOR * _distance(want_all[k], exact[k])]
+        beyond = [k for k in keys
+                  if _distance(got_all[k], exact[k]) > ROUNDING_FACTOR * _distance(want_all[k], exact[k])]
         error, where = max_rel_error({k: got_all[k] for k in beyond}, {k: want_all[k] for k in beyond},
                                      {k: k for k in beyond}) if beyond else (0.0, "")
     assert error <= rtol, f"{what}{where} differs: relative error {error:.3g} > {rtol:g}"

@@ -294,7 +294,8 @@ def test_head_relu_gives_relus_gradients_and_holds_one_map_fewer(kind):
     for name, m in list(plain.named_modules()):
         if isinstance(m, HeadReLU):
             plain.get_submodule(name.rpartition(".")[0]).register_module(name.rpartition(".")[2], nn.ReLU(inplace=True))
-    assert any(isinstance(m, HeadReLU) for m in lean.modules()) and not any(isinstance(m, HeadReLU) for m in plain.modules())
+    assert any(isinstance(m, HeadReLU) for m in lean.modules())
+    assert not any(isinstance(m, HeadReLU) for m in plain.modules())
     x = torch.randn(4, 16, 32, 32, dtype=torch.float64)
 
     def grads(body, create_graph=False):
@@ -334,7 +335,8 @@ class _NewBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         self.total += sum(t.untyped_storage().nbytes() for t in tree_flatten(out)[0]
                           if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs)
         return out

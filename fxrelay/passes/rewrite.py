@@ -68,7 +68,7 @@ from .split import split_stages
 from .tracing import ExampleInput, check_module, default_example_input, did_you_mean, tracing_config
 
 __all__ = ["transform", "plan_of", "is_transformed", "original_state_dict", "head_parameters",
-           "recompute_view"]
+           "recompute_view", "check_execution_name"]
 
 _STATE = "fxrelay_state"
 
@@ -152,12 +152,13 @@ def transform(
     if is_transformed(model):
         raise ValueError("model is already transformed by fxrelay.transform; transform the original model "
                          "(fxrelay.plan_of(model) shows the current plan)")
-    recompute, execution = _execution(_renamed(removed, recompute), execution)
+    recompute, execution = _execution(_renamed(removed, recompute), execution, mode)
     _check_arguments(mode, window, head_stages, head_kind, aux_weight, skip_first, num_classes)
     config = tracing_config(tracing)
     own = _own_heads(model, example_input, config) if head_stages == "model" else {}
     with training_mode(model, False):  # reason: the inference graph; aux-logit branches stay out
-        balance = "recompute" if execution != "one-line" and balance == "auto" else balance  # reason: the memory it is for
+        # reason: the memory executions get the boundaries of the smallest peak
+        balance = "recompute" if execution != "one-line" and balance == "auto" else balance
         plan = partition(model, boundaries, num_stages, example_input, balance=balance, tracing=config,
                          cut_after=list(own.values()))
     plan = dataclasses.replace(plan, output=output_path(plan, output))
@@ -212,11 +213,19 @@ def _renamed(removed: dict[str, Any], recompute: bool) -> bool:
     return bool(removed["checkpoint"])
 
 
-def _execution(recompute: bool, execution: str) -> tuple[bool, str]:
-    """``(recompute, execution)`` made consistent: ``recompute=True`` is the recompute execution."""
+def check_execution_name(execution: str) -> None:
+    """Raise a ``ValueError`` with a hint unless ``execution`` is one of :data:`EXECUTIONS`."""
     if execution not in EXECUTIONS:
         raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}"
                          f"{did_you_mean(execution, EXECUTIONS)}")
+
+
+def _execution(recompute: bool, execution: str, mode: str) -> tuple[bool, str]:
+    """``(recompute, execution)`` made consistent: ``recompute=True`` is the recompute execution."""
+    check_execution_name(execution)
+    if execution == "sequential" and mode != "greedy":
+        raise ValueError(f"execution='sequential' trains stage by stage, each stage with its own head: "
+                         f"use mode='greedy' (got {mode!r}), or execution='local'")
     if recompute and execution not in ("one-line", "recompute"):
         raise ValueError(f"recompute=True is execution='recompute'; execution={execution!r} runs the stages "
                          "itself: pass one of them")

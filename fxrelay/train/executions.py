@@ -32,7 +32,7 @@ from torch import nn
 
 from ..core.choices import EXECUTIONS
 from ..core.outputs import head_outputs
-from ..passes.rewrite import is_transformed, plan_of, recompute_view
+from ..passes.rewrite import check_execution_name, is_transformed, plan_of, recompute_view
 from .localstep import LocalStep
 from .stagerun import StageRunner
 
@@ -60,8 +60,7 @@ def check_execution(execution: str, model: nn.Module | None = None) -> None:
         ValueError: an unknown name, or an execution other than one-line on a model not
             made by :func:`fxrelay.transform`.
     """
-    if execution not in EXECUTIONS:
-        raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}; got {execution!r}")
+    check_execution_name(execution)
     if model is not None and execution != "one-line" and not is_transformed(model):
         raise ValueError(f"execution={execution!r} runs the stages of a model made by fxrelay.transform: "
                          "transform the model, or use execution='one-line'")
